@@ -1,0 +1,84 @@
+"""Plain data types shared by every data source.
+
+Images are decoded once, resized once to the run's image size and kept in memory as
+uint8 tensors; normalisation and augmentation happen per batch (see ``loader.py``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+Task = Literal["binary", "multiclass", "multilabel"]
+
+
+@dataclass
+class ImageSet:
+    """One split held in memory.
+
+    images: uint8 [N, C, H, W], C = 1 (grayscale) or 3 (RGB), already at the run's image size.
+    labels: int64 [N] for binary/multiclass, float32 [N, L] (0/1) for multilabel.
+    ids:    one string per image (relative file name or ``split/index``) - never patient data.
+    groups: optional group per image (patient id hash, near-duplicate cluster) for leak-free splits.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    ids: list[str]
+    groups: list[str] | None = None
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, index) -> "ImageSet":
+        index = torch.as_tensor(index, dtype=torch.long)
+        idx = index.tolist()
+        return ImageSet(
+            images=self.images[index],
+            labels=self.labels[index],
+            ids=[self.ids[i] for i in idx],
+            groups=None if self.groups is None else [self.groups[i] for i in idx],
+        )
+
+
+@dataclass
+class DataBundle:
+    """A data set ready for training: three splits plus what the task is."""
+
+    name: str
+    task: Task
+    class_names: list[str]
+    train: ImageSet
+    val: ImageSet
+    test: ImageSet
+    # How the splits/subsets were made (official / stratified by seed / grouped, fraction, shots...).
+    split_info: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.train.images.shape[1])
+
+
+@dataclass
+class DataConfig:
+    """What to load and how. Plain values only: this is written to the run's config YAML."""
+
+    name: str = "breastmnist"  # a MedMNIST flag, a folder of class sub-folders, or a CSV manifest
+    root: str | None = None  # data root; MedMNIST default: $MEDPEFT_DATA or medmnist's default
+    image_size: int = 64  # size the images are resized to (square)
+    medmnist_size: int | None = None  # which MedMNIST file variant (28/64/128/224); None: 28
+    fraction: float | None = None  # label fraction of the training split, 0 < f <= 1
+    shots: int | None = None  # k examples per class from the training split
+    subset_seed: int = 0  # seed of the fraction/shots subset (nested across fractions)
+    split_seed: int = 0  # seed of the train/val/test split when there is no official one
+    val_ratio: float = 0.15
+    test_ratio: float = 0.15
+    mask_pattern: str = "*_mask*"  # files excluded from image folders (BUSI masks)
+    group_column: str | None = None  # manifest column with patient ids for grouped splits
+    label_columns: list[str] | None = None  # manifest multi-label columns
+    split_file: str | None = None  # JSON file recording a split to reuse
