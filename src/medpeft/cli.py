@@ -1,0 +1,266 @@
+"""The ``medpeft`` command line.
+
+Every user error (a ``MedpeftError``) is printed as one line naming the bad value; exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from .errors import ConfigError, MedpeftError
+
+
+def _bool(text: str) -> bool:
+    low = str(text).lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _fraction(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+
+
+def add_method_options(parser: argparse.ArgumentParser) -> None:
+    """One ``--<method>-<field>`` option per field of every method's config dataclass."""
+    from .methods import get_method, list_methods
+
+    group = parser.add_argument_group("method options (apply when the method is selected)")
+    for name in list_methods():
+        spec = get_method(name)
+        for f in dataclasses.fields(spec.config_cls):
+            default = f.default if f.default is not dataclasses.MISSING else None
+            kind = type(default) if default is not None else str
+            kind = _bool if kind is bool else kind
+            group.add_argument(f"--{name}-{f.name}".replace("_", "-"), dest=f"{name}_{f.name}", type=kind,
+                               default=None, help=f"{name}: {f.name} (default {default!r})")
+
+
+def add_data_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="breastmnist",
+                   help="MedMNIST flag (breastmnist, pneumoniamnist, ...), a folder with one sub-folder per class, "
+                        "or a CSV manifest (path,label[,split][,group]) (default: breastmnist)")
+    g.add_argument("--data-root", default=None,
+                   help="where MedMNIST .npz files live / root of manifest paths (default: $MEDPEFT_DATA, "
+                        "else medmnist's default ~/.medmnist)")
+    g.add_argument("--image-size", type=int, default=64, help="square input size in pixels (default 64)")
+    g.add_argument("--medmnist-size", type=int, choices=(28, 64, 128, 224), default=None,
+                   help="which MedMNIST file variant to read (default 28)")
+    g.add_argument("--fraction", type=_fraction, default=None,
+                   help="label fraction of the training split, 0 < f <= 1 (stratified, nested across fractions)")
+    g.add_argument("--shots", type=int, default=None, help="k training examples per class instead of --fraction")
+    g.add_argument("--subset-seed", type=int, default=None, help="seed of the label subset (default: --seed)")
+    g.add_argument("--split-seed", type=int, default=0, help="seed of the split when the data has none (default 0)")
+    g.add_argument("--val-ratio", type=float, default=0.15)
+    g.add_argument("--test-ratio", type=float, default=0.15)
+    g.add_argument("--group-column", default=None, help="manifest column with patient ids: no patient on two sides")
+    g.add_argument("--label-columns", default=None, help="comma-separated 0/1 manifest columns (multi-label task)")
+    g.add_argument("--mask-pattern", default="*_mask*", help="files excluded from image folders (default *_mask*)")
+    g.add_argument("--split-file", default=None, help="JSON split to reuse (ids per split)")
+
+
+def add_train_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=30)
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's own)")
+    g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument("--warmup-epochs", type=float, default=1.0)
+    g.add_argument("--patience", type=int, default=6, help="early-stopping patience in epochs (default 6)")
+    g.add_argument("--monitor", default="auroc", help="validation metric for selection: auroc, acc, balanced_acc, f1, loss")
+    g.add_argument("--class-weighted", action="store_true", help="inverse-frequency class weights in the loss")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 disables)")
+    g.add_argument("--augment", default="auto", help="none | light | auto (none for linear probing, else light)")
+    g.add_argument("--cache-features", default="auto", help="auto | on | off: cache frozen features for head-only training")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    g.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on the GPU")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    g.add_argument("--max-minutes", type=float, default=None, help="stop training after this many minutes")
+    g.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="medpeft", description=(
+        "Which way of fine-tuning a pretrained model works best on my medical images, at what cost?"))
+    parser.add_argument("--version", action="version", version=f"medpeft {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="train one method on one data set and evaluate it once on test",
+                         description="Train, early-stop on validation, evaluate the best state once on test, "
+                                     "write a run folder (config.yaml, metrics.json, history.csv, adapter.safetensors).")
+    run.add_argument("--config", default=None, help="YAML run config (as written to a run's config.yaml); "
+                                                    "command-line options given explicitly are not merged")
+    add_data_options(run)
+    g = run.add_argument_group("model")
+    g.add_argument("--backbone", default="efficientnet_lite0",
+                   help="registry name (efficientnet_lite0, dinov2_vits14, ...) or any timm model name")
+    g.add_argument("--weights", default=None, help="local backbone weights (.safetensors, or .pth loaded weights_only)")
+    g.add_argument("--no-pretrained", action="store_true", help="random initialisation (for ablations)")
+    g.add_argument("--method", default="lora", help="method name or hybrid like lora+ssf ('medpeft methods' lists them)")
+    add_train_options(run)
+    run.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for confidence intervals")
+    run.add_argument("--out", default=None, help="run folder (default: a new folder under runs/)")
+    run.add_argument("--quiet", action="store_true")
+    add_method_options(run)
+
+    methods = sub.add_parser("methods", help="list every method, the backbones it applies to and its trainable %")
+    methods.add_argument("--backbone", default=None, help="count trainable parameters on this backbone")
+    methods.add_argument("--image-size", type=int, default=None)
+    methods.add_argument("--num-classes", type=int, default=2)
+    methods.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    predict = sub.add_parser("predict", help="apply a trained run to image files")
+    predict.add_argument("run", help="run folder written by 'medpeft run' (or its adapter.safetensors)")
+    predict.add_argument("images", nargs="+", help="image files (png, jpg, dcm, ...)")
+    predict.add_argument("--merge", action="store_true", help="merge the adapter into the backbone first")
+    predict.add_argument("--weights", default=None, help="backbone weights file, if the run used one")
+    predict.add_argument("--out", default=None, help="CSV file for the predictions (default: print)")
+
+    export = sub.add_parser("export", help="write a merged, plain timm state dict (safetensors) of a trained run")
+    export.add_argument("run")
+    export.add_argument("out", help="output .safetensors file")
+    export.add_argument("--weights", default=None)
+    return parser
+
+
+def run_config_from_args(args) -> "RunConfig":
+    import yaml
+
+    from .data.base import DataConfig
+    from .run import RunConfig
+    from .train import TrainConfig
+
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        return RunConfig.from_dict(data)
+    data = DataConfig(
+        name=args.data, root=args.data_root, image_size=args.image_size, medmnist_size=args.medmnist_size,
+        fraction=args.fraction, shots=args.shots,
+        subset_seed=args.seed if args.subset_seed is None else args.subset_seed, split_seed=args.split_seed,
+        val_ratio=args.val_ratio, test_ratio=args.test_ratio, mask_pattern=args.mask_pattern,
+        group_column=args.group_column,
+        label_columns=args.label_columns.split(",") if args.label_columns else None, split_file=args.split_file,
+    )
+    train = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        warmup_epochs=args.warmup_epochs, patience=args.patience, monitor=args.monitor,
+        class_weighted=args.class_weighted, grad_clip=args.grad_clip or None, augment=args.augment,
+        cache_features=args.cache_features, device=args.device, amp=not args.no_amp, seed=args.seed,
+        threads=args.threads, max_minutes=args.max_minutes,
+    )
+    from .methods import parse_method
+
+    names = parse_method(args.method)
+    options = {k: v for k, v in vars(args).items()
+               if v is not None and any(k.startswith(n + "_") for n in names)}
+    return RunConfig(data=data, train=train, backbone=args.backbone, weights=args.weights,
+                     pretrained=not args.no_pretrained, method=args.method, method_options=options,
+                     n_boot=args.n_boot)
+
+
+def cmd_run(args) -> int:
+    from .report_console import print_run_summary, progress_printer
+    from .run import execute
+
+    cfg = run_config_from_args(args)
+    with progress_printer(cfg.train.epochs, quiet=args.quiet) as progress:
+        metrics = execute(cfg, out_dir=args.out, progress=progress)
+    print_run_summary(metrics)
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from .report_console import methods_table
+
+    methods_table(args.backbone, args.image_size, args.num_classes, as_json=args.json)
+    return 0
+
+
+def cmd_predict(args) -> int:
+    import csv
+
+    import numpy as np
+    import torch
+
+    from .data.io import read_image
+    from .data.base import ImageSet
+    from .run import load_run
+    from .train import predict_probs
+
+    loaded = load_run(args.run, weights=args.weights, merge=args.merge)
+    tensors = []
+    for name in args.images:
+        arr = read_image(name)
+        t = torch.from_numpy(np.ascontiguousarray(arr))
+        t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
+        import torchvision.transforms.v2.functional as TF
+
+        t = TF.resize(t, [loaded.image_size, loaded.image_size], antialias=True)
+        tensors.append(t if t.shape[0] == 3 else t.expand(3, -1, -1))
+    images = ImageSet(torch.stack(tensors), torch.zeros(len(tensors), dtype=torch.long), list(args.images))
+    probs = predict_probs(loaded.model, images, loaded.mean, loaded.std, "multilabel" if loaded.task == "multilabel" else "multiclass")
+    rows = []
+    for name, p in zip(args.images, probs):
+        row = {"file": name, **{f"p_{c}": float(v) for c, v in zip(loaded.class_names, p)}}
+        if loaded.task != "multilabel":
+            row["prediction"] = loaded.class_names[int(np.argmax(p))]
+        rows.append(row)
+    if args.out:
+        with open(args.out, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"wrote {len(rows)} predictions to {args.out}")
+    else:
+        for row in rows:
+            print(json.dumps(row))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from safetensors.torch import save_file
+
+    from .run import load_run
+
+    loaded = load_run(args.run, weights=args.weights, merge=True)
+    state = {k: v.contiguous() for k, v in loaded.model.state_dict().items()}
+    save_file(state, args.out, metadata={"class_names": json.dumps(loaded.class_names), "method": loaded.method})
+    print(f"wrote merged model ({len(state)} tensors) to {args.out}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "methods": cmd_methods, "predict": cmd_predict, "export": cmd_export}
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except MedpeftError as err:
+        print(f"medpeft {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

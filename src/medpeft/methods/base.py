@@ -1,0 +1,253 @@
+"""The one interface every fine-tuning method implements.
+
+A method is a small tuner (in the spirit of HF peft): a config dataclass plus an ``apply``
+function that takes a timm model, injects its modules (if any) and marks exactly the
+parameters it trains. Methods compose: ``lora+vpt_deep`` applies both, and the trainable
+set is the union. The classification head is always trained and always saved.
+
+Conventions the rest of medpeft relies on:
+- ``apply_methods`` freezes everything first, then each method unfreezes what it trains.
+- A normalisation layer updates its running statistics only if one of its own
+  parameters is trainable; its buffers are then saved with the trained parameters.
+- ``merge`` (where the math allows) folds a method's modules into the base weights so
+  inference costs nothing extra.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, unknown_name
+
+
+@dataclass
+class MethodConfig:
+    """Base class of every method's options. Field names become CLI options ``--<method>-<field>``."""
+
+
+@dataclass
+class MethodSpec:
+    name: str
+    families: tuple[str, ...]  # backbone families it applies to: "cnn", "vit"
+    config_cls: type
+    apply: Callable[[nn.Module, MethodConfig], None]
+    description: str
+    default_lr: float = 1e-3
+    merge: Callable[[nn.Module], None] | None = None  # folds the method into base weights
+    identity_at_init: bool = False  # adapted model == base model before training
+    reference: str = ""
+
+
+REGISTRY: dict[str, MethodSpec] = {}
+
+
+def register_method(
+    name: str,
+    families: tuple[str, ...],
+    config_cls: type = MethodConfig,
+    *,
+    description: str,
+    default_lr: float = 1e-3,
+    merge: Callable[[nn.Module], None] | None = None,
+    identity_at_init: bool = False,
+    reference: str = "",
+):
+    """Decorator registering ``apply(model, cfg)`` as method ``name``."""
+
+    def wrap(apply):
+        if name in REGISTRY:
+            raise RuntimeError(f"method {name!r} registered twice")
+        REGISTRY[name] = MethodSpec(
+            name, tuple(families), config_cls, apply, description, default_lr, merge, identity_at_init, reference
+        )
+        return apply
+
+    return wrap
+
+
+def list_methods() -> list[str]:
+    _load_all()
+    return sorted(REGISTRY)
+
+
+def get_method(name: str) -> MethodSpec:
+    _load_all()
+    if name not in REGISTRY:
+        raise unknown_name("method", name, REGISTRY)
+    return REGISTRY[name]
+
+
+def parse_method(spec: str) -> list[str]:
+    """``"lora+vpt_deep"`` -> ``["lora", "vpt_deep"]`` with every name checked."""
+    names = [part.strip() for part in spec.split("+") if part.strip()]
+    if not names:
+        raise ConfigError(f"empty method {spec!r}; expected a name like 'lora' or a hybrid like 'lora+ssf'")
+    for name in names:
+        get_method(name)
+    if len(set(names)) != len(names):
+        raise ConfigError(f"method {spec!r} names a method twice")
+    if len(names) > 1 and ("full" in names or "linear" in names):
+        raise ConfigError(f"method {spec!r}: 'full' and 'linear' are baselines and cannot be combined")
+    return names
+
+
+def build_configs(names: list[str], options: dict | None = None) -> dict[str, MethodConfig]:
+    """Config per method from flat options ``{"lora_rank": 8, "lora_targets": "qv"}``.
+
+    Options whose prefix names another method are ignored (a sweep shares one option dict);
+    an option with a method's prefix that names no field of its config is an error.
+    """
+    options = dict(options or {})
+    configs = {}
+    for name in names:
+        spec = get_method(name)
+        fields = {f.name: f for f in dataclasses.fields(spec.config_cls)}
+        kwargs = {}
+        prefix = name + "_"
+        for key, value in options.items():
+            if value is None or not key.startswith(prefix):
+                continue
+            field_name = key[len(prefix):]
+            if field_name not in fields:
+                valid = ", ".join(prefix + f for f in fields) or "none"
+                raise ConfigError(f"unknown option {key!r} for method {name!r}; valid options: {valid}")
+            kwargs[field_name] = value
+        try:
+            configs[name] = spec.config_cls(**kwargs)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"bad options for method {name!r}: {err}") from None
+    return configs
+
+
+def config_to_dict(configs: dict[str, MethodConfig]) -> dict:
+    return {name: dataclasses.asdict(cfg) for name, cfg in configs.items()}
+
+
+def configs_from_dict(data: dict) -> dict[str, MethodConfig]:
+    return {name: get_method(name).config_cls(**values) for name, values in data.items()}
+
+
+# --------------------------------------------------------------------------- applying
+
+
+def head_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return list(model.get_classifier().parameters())
+
+
+def apply_methods(model: nn.Module, names: list[str], configs: dict[str, MethodConfig], family: str) -> nn.Module:
+    """Adapt ``model`` in place: freeze all, apply each method, train the head."""
+    for name in names:
+        spec = get_method(name)
+        if family not in spec.families:
+            raise ConfigError(
+                f"method {name!r} does not apply to a {family.upper()} backbone; "
+                f"it applies to: {', '.join(f.upper() for f in spec.families)}"
+            )
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for name in names:
+        get_method(name).apply(model, configs[name])
+    for param in head_parameters(model):
+        param.requires_grad_(True)
+    model.medpeft_methods = list(names)  # read by merge_methods / describe
+    return model
+
+
+def merge_methods(model: nn.Module) -> nn.Module:
+    """Fold every mergeable method into the base weights (in place)."""
+    names = getattr(model, "medpeft_methods", [])
+    for name in names:
+        spec = get_method(name)
+        if spec.merge is None:
+            raise ConfigError(f"method {name!r} cannot be merged into the backbone weights")
+    for name in names:
+        get_method(name).merge(model)
+    model.medpeft_merged = True
+    return model
+
+
+def is_mergeable(names: list[str]) -> bool:
+    return all(get_method(n).merge is not None for n in names)
+
+
+# --------------------------------------------------------------------------- accounting / state
+
+NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+
+
+def count_parameters(model: nn.Module) -> dict:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    head = sum(p.numel() for p in head_parameters(model))
+    return {
+        "total": total,
+        "trainable": trainable,
+        "trainable_without_head": trainable - head,
+        "trainable_pct": 100.0 * trainable / max(total, 1),
+    }
+
+
+def _modules_with_trainable_stats(model: nn.Module):
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and any(
+            p.requires_grad for p in module.parameters(recurse=False)
+        ):
+            yield name, module
+
+
+def set_train_mode(model: nn.Module, training: bool = True) -> None:
+    """train()/eval(), but frozen BatchNorm layers keep their running statistics fixed."""
+    model.train(training)
+    if training:
+        trainable_bn = {id(m) for _, m in _modules_with_trainable_stats(model)}
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and id(module) not in trainable_bn:
+                module.eval()
+
+
+def trained_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Exactly what training changed: trainable parameters (head included) and the
+    running statistics of normalisation layers whose parameters were trained."""
+    state = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    for mod_name, module in _modules_with_trainable_stats(model):
+        for buf_name, buf in module.named_buffers(recurse=False):
+            if buf is not None:
+                state[f"{mod_name}.{buf_name}" if mod_name else buf_name] = buf.detach()
+    return state
+
+
+def load_trained_state(model: nn.Module, state: dict[str, torch.Tensor], source: str = "state") -> None:
+    """Load a ``trained_state_dict`` onto a freshly adapted model; every key must match."""
+    expected = trained_state_dict(model)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ConfigError(
+            f"{source} does not match the adapted model: missing {missing[:5]} ({len(missing)}), "
+            f"unexpected {unexpected[:5]} ({len(unexpected)}); was it saved with another method/backbone/options?"
+        )
+    for key, value in state.items():
+        if expected[key].shape != value.shape:
+            raise ConfigError(f"{source}: tensor {key!r} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}")
+    model.load_state_dict(state, strict=False)
+
+
+def describe(names: list[str], configs: dict[str, MethodConfig]) -> str:
+    return "+".join(names) + " " + json.dumps(config_to_dict(configs), sort_keys=True)
+
+
+_LOADED = False
+
+
+def _load_all() -> None:
+    """Import the method modules once so their ``register_method`` calls run."""
+    global _LOADED
+    if _LOADED:
+        return
+    _LOADED = True
+    from . import library  # noqa: F401  (imports every method module)

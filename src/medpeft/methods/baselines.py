@@ -1,0 +1,27 @@
+"""Baselines: full fine-tuning and linear probing."""
+from __future__ import annotations
+
+from torch import nn
+
+from .base import register_method
+
+
+@register_method(
+    "full", ("cnn", "vit"), description="full fine-tuning: every weight is trained", default_lr=1e-4,
+    reference="-",
+)
+def apply_full(model: nn.Module, cfg) -> None:
+    for param in model.parameters():
+        param.requires_grad_(True)
+
+
+def _nothing_to_merge(model: nn.Module) -> None:
+    """Methods that only train existing weights are already 'merged'."""
+
+
+@register_method(
+    "linear", ("cnn", "vit"), description="linear probing: only the classification head is trained",
+    default_lr=1e-2, merge=_nothing_to_merge, reference="-",
+)
+def apply_linear(model: nn.Module, cfg) -> None:
+    """Nothing besides the head (which apply_methods always trains)."""

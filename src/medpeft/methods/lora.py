@@ -1,0 +1,185 @@
+"""LoRA (Hu et al. 2022): W + (alpha/r) * B A with B zero-initialised, so training starts
+at the pretrained model; mergeable into W after training.
+
+Where HF peft supports the layer (nn.Linear, non-grouped nn.Conv2d) it is used directly.
+timm ViTs fuse q, k and v into one ``qkv`` Linear (peft #691): LoRA on the q and v slices
+only (the MED-PEFT recipe) needs its own layer, ``FusedQKVLoRA``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from .base import MethodConfig, register_method
+
+VIT_TARGETS = ("qv", "qkv", "attn", "mlp", "all")
+CNN_TARGETS = ("pw", "conv")
+
+
+@dataclass
+class LoraConfig(MethodConfig):
+    rank: int = 8
+    alpha: float = 16.0  # scale = alpha / rank
+    dropout: float = 0.0
+    # ViT: qv (q and v slices of the fused qkv), qkv, attn (qkv+proj), mlp (fc1+fc2), all.
+    # CNN: pw (1x1 convs), conv (every non-grouped conv). auto: qv on ViTs, pw on CNNs.
+    targets: str = "auto"
+
+    def __post_init__(self):
+        if int(self.rank) < 1:
+            raise ValueError(f"rank must be >= 1, got {self.rank}")
+        if not 0 <= float(self.dropout) < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.targets not in ("auto",) + VIT_TARGETS + CNN_TARGETS:
+            raise ValueError(f"targets {self.targets!r} not one of auto, {', '.join(VIT_TARGETS + CNN_TARGETS)}")
+
+
+class FusedQKVLoRA(nn.Module):
+    """LoRA on chosen slices (q, k, v) of a fused ``qkv`` Linear; other slices untouched."""
+
+    def __init__(self, base: nn.Linear, slots: str, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        if base.out_features % 3:
+            raise ConfigError(f"fused qkv layer has {base.out_features} outputs, expected a multiple of 3")
+        self.base = base
+        self.slots = slots  # e.g. "qv"
+        self.dim = base.out_features // 3
+        self.scale = alpha / rank
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        for slot in slots:
+            a = torch.empty(rank, base.in_features)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # same init as peft / the LoRA paper code
+            self.lora_A[slot] = nn.Parameter(a)
+            self.lora_B[slot] = nn.Parameter(torch.zeros(self.dim, rank))
+
+    @property
+    def weight(self):  # timm code sometimes reads qkv.weight (dtype/device checks)
+        return self.base.weight
+
+    @property
+    def bias(self):
+        return self.base.bias
+
+    def _delta(self, x: torch.Tensor, slot: str) -> torch.Tensor:
+        return (x @ self.lora_A[slot].t()) @ self.lora_B[slot].t() * self.scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        xd = self.dropout(x)
+        parts = []
+        for i, slot in enumerate("qkv"):
+            chunk = out[..., i * self.dim:(i + 1) * self.dim]
+            parts.append(chunk + self._delta(xd, slot) if slot in self.slots else chunk)
+        return torch.cat(parts, dim=-1)
+
+    @torch.no_grad()
+    def merged_linear(self) -> nn.Linear:
+        for i, slot in enumerate("qkv"):
+            if slot in self.slots:
+                delta = (self.lora_B[slot] @ self.lora_A[slot]) * self.scale
+                self.base.weight[i * self.dim:(i + 1) * self.dim] += delta.to(self.base.weight.dtype)
+        return self.base
+
+
+def resolve_targets(model: nn.Module, targets: str) -> tuple[str, list[str]]:
+    """Which module names LoRA goes on, and whether the fused-qkv layer is needed."""
+    from ..backbones import backbone_family
+
+    family = backbone_family(model)
+    if targets == "auto":
+        targets = "qv" if family == "vit" else "pw"
+    allowed = VIT_TARGETS if family == "vit" else CNN_TARGETS
+    if targets not in allowed:
+        raise ConfigError(f"LoRA targets {targets!r} do not apply to a {family.upper()}; expected one of {', '.join(allowed)}")
+    head = model.get_classifier()
+    names = []
+    for name, module in model.named_modules():
+        if module is head:
+            continue
+        if family == "vit":
+            leaf = name.rsplit(".", 1)[-1]
+            wanted = {
+                "qv": ("qkv",), "qkv": ("qkv",), "attn": ("qkv", "proj"), "mlp": ("fc1", "fc2"),
+                "all": ("qkv", "proj", "fc1", "fc2"),
+            }[targets]
+            if isinstance(module, nn.Linear) and leaf in wanted and ".blocks." in f".{name}":
+                names.append(name)
+        elif isinstance(module, nn.Conv2d) and module.groups == 1:
+            # grouped / depthwise convs are skipped: low-rank factors of a depthwise kernel
+            # cost more than the kernel itself (peft #2202, #2549)
+            if targets == "conv" or module.kernel_size == (1, 1):
+                names.append(name)
+    if not names:
+        raise ConfigError(f"LoRA targets {targets!r} match no layer of this backbone")
+    return targets, names
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new)
+
+
+def inject_peft(model: nn.Module, peft_config) -> None:
+    """Inject a peft tuner into a plain (timm) model and train only its adapter weights."""
+    from peft import inject_adapter_in_model
+
+    inject_adapter_in_model(peft_config, model)
+    for name, param in model.named_parameters():
+        if any(tag in name for tag in ("lora_", "ia3_", "lora_magnitude_vector")):
+            param.requires_grad_(True)
+        elif not any(p is param for p in model.get_classifier().parameters()):
+            param.requires_grad_(False)
+
+
+def apply_lora_layers(model: nn.Module, cfg: LoraConfig, use_dora: bool = False) -> None:
+    targets, names = resolve_targets(model, cfg.targets)
+    if targets == "qv":
+        if use_dora:
+            raise ConfigError("DoRA on q/v slices of a fused qkv is not supported; use targets qkv, attn, mlp or all")
+        for name in names:
+            layer = FusedQKVLoRA(model.get_submodule(name), "qv", int(cfg.rank), float(cfg.alpha), float(cfg.dropout))
+            _set_module(model, name, layer)
+        for name, param in model.named_parameters():
+            if ".lora_A." in name or ".lora_B." in name:
+                param.requires_grad_(True)
+        return
+    import peft
+
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, nn.Conv2d) and int(cfg.rank) > min(module.in_channels, module.out_channels):
+            raise ConfigError(
+                f"LoRA rank {cfg.rank} exceeds the channels of conv {name!r} "
+                f"({module.in_channels}->{module.out_channels}); use a smaller --lora-rank"
+            )
+    config = peft.LoraConfig(
+        r=int(cfg.rank), lora_alpha=float(cfg.alpha), lora_dropout=float(cfg.dropout),
+        target_modules=names, use_dora=use_dora, bias="none",
+    )
+    inject_peft(model, config)
+
+
+def merge_lora_layers(model: nn.Module) -> None:
+    """Fold LoRA/DoRA (peft or fused-qkv) into the base weights and remove the extra modules."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, FusedQKVLoRA):
+            _set_module(model, name, module.merged_linear())
+        elif isinstance(module, BaseTunerLayer) and hasattr(module, "lora_A"):
+            module.merge()
+            _set_module(model, name, module.get_base_layer())
+
+
+@register_method(
+    "lora", ("cnn", "vit"), LoraConfig, description="LoRA: low-rank B·A added to weights (B zero-init), mergeable",
+    default_lr=1e-3, merge=merge_lora_layers, identity_at_init=True, reference="Hu et al. 2022",
+)
+def apply_lora(model: nn.Module, cfg: LoraConfig) -> None:
+    apply_lora_layers(model, cfg)

@@ -1,0 +1,213 @@
+"""One fine-tuning run end to end, and loading a finished run back for inference.
+
+A run folder holds:
+  config.yaml         the resolved configuration (everything needed to repeat the run)
+  metrics.json        validation and test metrics with bootstrap CIs, parameter counts, time, memory
+  history.csv         one row per epoch
+  adapter.safetensors what training changed (method parameters + head + trained norm statistics),
+                      with the backbone/method/config in its metadata so it loads onto a fresh backbone
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import resource
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import yaml
+
+from . import __version__
+from .backbones import create_backbone, check_image_size
+from .data import load_data
+from .data.base import DataBundle, DataConfig
+from .errors import ConfigError
+from .methods import (apply_methods, build_configs, config_to_dict, configs_from_dict, count_parameters,
+                      get_method, load_trained_state, parse_method, trained_state_dict)
+from .metrics import metrics_with_ci
+from .train import TrainConfig, resolve_device, seed_everything, train_model
+
+ADAPTER_FILE = "adapter.safetensors"
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    backbone: str = "efficientnet_lite0"
+    weights: str | None = None  # explicit local weights file for the backbone
+    pretrained: bool = True
+    method: str = "lora"  # a method name or a hybrid "lora+ssf"
+    method_options: dict = field(default_factory=dict)  # {"lora_rank": 8, ...}
+    n_boot: int = 1000  # bootstrap resamples for the CIs
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RunConfig":
+        data = dict(data)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown run config keys {unknown}; expected some of {sorted(known)}")
+        data_cfg = _dataclass_from(DataConfig, data.pop("data", {}) or {}, "data")
+        train_cfg = _dataclass_from(TrainConfig, data.pop("train", {}) or {}, "train")
+        return cls(data=data_cfg, train=train_cfg, **data)
+
+
+def _dataclass_from(cls, values: dict, where: str):
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown keys in '{where}': {unknown}; expected some of {sorted(known)}")
+    return cls(**values)
+
+
+def build_model(backbone: str, num_classes: int, image_size: int, method: str, method_options: dict,
+                weights: str | None = None, pretrained: bool = True, in_chans: int = 3):
+    """Backbone + methods applied; returns (model, backbone info, method names, method configs)."""
+    names = parse_method(method)
+    configs = build_configs(names, method_options)
+    model, info = create_backbone(backbone, num_classes=num_classes, image_size=image_size, weights=weights,
+                                  pretrained=pretrained, in_chans=in_chans)
+    check_image_size(info, image_size)
+    apply_methods(model, names, configs, info.family)
+    return model, info, names, configs
+
+
+def default_out_dir(cfg: RunConfig) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{stamp}-{Path(cfg.data.name).name}-{cfg.backbone}-{cfg.method}-s{cfg.train.seed}"
+
+
+def peak_memory_mb(device: torch.device) -> dict:
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.type == "cuda":
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+def execute(cfg: RunConfig, out_dir: str | Path | None = None, bundle: DataBundle | None = None,
+            progress=None, save: bool = True) -> dict:
+    """Run one configuration; returns the metrics dict (also written to ``out_dir``)."""
+    started = time.perf_counter()
+    if cfg.train.threads:
+        torch.set_num_threads(int(cfg.train.threads))
+    if bundle is None:
+        bundle = load_data(cfg.data)
+    seed_everything(cfg.train.seed)  # before model creation: adapter init uses the RNG
+    model, info, names, configs = build_model(cfg.backbone, bundle.num_classes, cfg.data.image_size, cfg.method,
+                                              cfg.method_options, cfg.weights, cfg.pretrained)
+    counts = count_parameters(model)
+    lr = cfg.train.lr if cfg.train.lr is not None else get_method(names[0]).default_lr
+    device = resolve_device(cfg.train.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    result = train_model(model, bundle, info.mean, info.std, cfg.train, lr, progress=progress)
+    labels = {"val": bundle.val.labels.numpy(), "test": bundle.test.labels.numpy()}
+    metrics = {
+        "medpeft_version": __version__,
+        "data": bundle.name,
+        "task": bundle.task,
+        "class_names": bundle.class_names,
+        "backbone": cfg.backbone,
+        "weights_source": info.weights_source,
+        "method": "+".join(names),
+        "method_config": config_to_dict(configs),
+        "seed": cfg.train.seed,
+        "lr": lr,
+        "split": bundle.split_info,
+        "n_train": len(bundle.train), "n_val": len(bundle.val), "n_test": len(bundle.test),
+        "params": counts,
+        "best_epoch": result.best_epoch,
+        "epochs_run": len(result.history),
+        "monitor": cfg.train.monitor,
+        "augment": result.augment,
+        "feature_cache": result.feature_cache,
+        "train_seconds": result.train_seconds,
+        "val": metrics_with_ci(labels["val"], result.val_probs, bundle.task, n_boot=cfg.n_boot, seed=cfg.train.seed),
+        "test": metrics_with_ci(labels["test"], result.test_probs, bundle.task, n_boot=cfg.n_boot, seed=cfg.train.seed),
+        **peak_memory_mb(device),
+    }
+    metrics["total_seconds"] = time.perf_counter() - started
+    if save:
+        out = Path(out_dir) if out_dir else default_out_dir(cfg)
+        metrics["adapter_bytes"] = write_run(out, cfg, metrics, result.history, model, bundle, info)
+        metrics["out_dir"] = str(out)
+    return metrics
+
+
+def write_run(out: Path, cfg: RunConfig, metrics: dict, history: list[dict], model, bundle: DataBundle, info) -> int:
+    """Write the run folder; returns the adapter file size in bytes."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    meta = {
+        "backbone": cfg.backbone, "method": metrics["method"], "method_options": json.dumps(cfg.method_options),
+        "num_classes": str(bundle.num_classes), "class_names": json.dumps(bundle.class_names),
+        "task": bundle.task, "image_size": str(cfg.data.image_size), "mean": json.dumps(list(info.mean)),
+        "std": json.dumps(list(info.std)), "medpeft_version": __version__,
+    }
+    state = {k: v.detach().to("cpu").contiguous() for k, v in trained_state_dict(model).items()}
+    adapter = out / ADAPTER_FILE
+    save_file(state, str(adapter), metadata=meta)
+    metrics["adapter_bytes"] = adapter.stat().st_size
+    with open(out / "metrics.json", "w") as fh:
+        json.dump(metrics, fh, indent=2, default=float)
+    if history:
+        with open(out / "history.csv", "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(history[0]))
+            writer.writeheader()
+            writer.writerows(history)
+    return metrics["adapter_bytes"]
+
+
+@dataclass
+class LoadedRun:
+    model: torch.nn.Module
+    class_names: list[str]
+    task: str
+    image_size: int
+    mean: tuple
+    std: tuple
+    method: str
+
+
+def load_run(path: str | Path, weights: str | None = None, merge: bool = False) -> LoadedRun:
+    """Rebuild a trained model from a run folder (or an adapter file): fresh backbone + methods + saved state."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from .methods import merge_methods
+
+    path = Path(path)
+    adapter = path / ADAPTER_FILE if path.is_dir() else path
+    if not adapter.is_file():
+        raise ConfigError(f"no trained adapter at {adapter}; expected a run folder written by 'medpeft run' "
+                          f"or an {ADAPTER_FILE} file")
+    try:
+        with safe_open(str(adapter), framework="pt") as fh:
+            meta = fh.metadata() or {}
+        state = load_file(str(adapter))
+    except Exception as err:  # safetensors raises its own error types
+        raise ConfigError(f"{adapter} is not a readable safetensors file: {err}") from None
+    required = ("backbone", "method", "num_classes", "image_size", "task")
+    missing = [k for k in required if k not in meta]
+    if missing:
+        raise ConfigError(f"{adapter} lacks medpeft metadata {missing}; it was not written by medpeft")
+    model, info, names, configs = build_model(
+        meta["backbone"], int(meta["num_classes"]), int(meta["image_size"]), meta["method"],
+        json.loads(meta.get("method_options", "{}")), weights=weights, pretrained=True,
+    )
+    load_trained_state(model, state, source=str(adapter))
+    if merge:
+        merge_methods(model)
+    model.eval()
+    return LoadedRun(model, json.loads(meta.get("class_names", "[]")), meta["task"], int(meta["image_size"]),
+                     tuple(json.loads(meta["mean"])), tuple(json.loads(meta["std"])), meta["method"])
