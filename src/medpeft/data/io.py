@@ -1,0 +1,159 @@
+"""Reading images from disk and turning many of them into one uint8 tensor.
+
+Every image is decoded to uint8 (H, W) or (H, W, 3) and resized once to the run's
+square image size; the stacked result is uint8 [N, C, H, W] with C = 1 when every
+image is grayscale and C = 3 otherwise (grayscale images are promoted when mixed).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import socket
+import warnings
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+from medpeft.errors import DataError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
+
+
+def is_image_file(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not os.path.basename(name).startswith(".")
+
+
+def is_online(host: str = "zenodo.org", port: int = 443, timeout: float = 1.5) -> bool:
+    """False when MEDPEFT_OFFLINE=1, else whether a TCP connection to ``host`` opens quickly."""
+    if os.environ.get("MEDPEFT_OFFLINE", "").strip().lower() in ("1", "true", "yes"):
+        return False
+    return _probe(host, port, timeout)
+
+
+@functools.lru_cache(maxsize=8)
+def _probe(host: str, port: int, timeout: float) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def to_uint8(array: np.ndarray, source: str = "image") -> np.ndarray:
+    """Bring decoded pixels to uint8: 16-bit by /257, other ints clipped, floats by min-max."""
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8) * 255
+    if np.issubdtype(array.dtype, np.integer):
+        if array.dtype.itemsize == 1:
+            return np.clip(array, 0, 255).astype(np.uint8)
+        # 16-bit range (PIL "I;16" and "I" modes, 16-bit DICOM): 65535 / 257 = 255 exactly.
+        scaled = np.rint(np.clip(array, 0, 65535).astype(np.float32) / 257.0)
+        return scaled.astype(np.uint8)
+    if np.issubdtype(array.dtype, np.floating):
+        array = np.nan_to_num(array.astype(np.float32))
+        if array.size == 0 or float(array.max()) <= float(array.min()):
+            return np.zeros(array.shape, dtype=np.uint8)
+        lo, hi = float(array.min()), float(array.max())
+        return np.rint((array - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+    raise DataError(f"{source}: unsupported pixel type {array.dtype}; expected integer or float pixels")
+
+
+def _pil_to_array(image: Image.Image, path: str) -> np.ndarray:
+    mode = image.mode
+    if mode == "1":
+        return np.asarray(image.convert("L"))
+    if mode == "L":
+        return np.asarray(image)
+    if mode == "LA":
+        return np.asarray(image.convert("L"))
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        return to_uint8(np.asarray(image), path)
+    if mode == "P":
+        # A palette may carry transparency; convert through RGBA so it is dropped like RGBA's.
+        image = image.convert("RGBA") if "transparency" in image.info else image
+    # RGB, RGBA (alpha dropped), P, CMYK, YCbCr, LAB, HSV ...
+    return np.asarray(image.convert("RGB"))
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Decode one image file to uint8 (H, W) or (H, W, 3). Unreadable file -> DataError naming it."""
+    path = os.fspath(path)
+    if path.lower().endswith(".dcm"):
+        return _read_dicom(path)
+    try:
+        with Image.open(path) as image:
+            image.load()  # decode now so truncated files fail here, inside the try
+            image = ImageOps.exif_transpose(image)
+            array = _pil_to_array(image, path)
+    except FileNotFoundError:
+        raise DataError(f"image file not found: {path}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise DataError(f"cannot read image {path}: {exc}; expected a readable "
+                        f"{'/'.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)} file") from None
+    if array.ndim not in (2, 3) or array.size == 0:
+        raise DataError(f"cannot read image {path}: decoded shape {array.shape} is not an image")
+    return np.ascontiguousarray(array)
+
+
+def _read_dicom(path: str) -> np.ndarray:
+    try:
+        from medpeft.data.dicom import read_dicom  # lazy: pydicom is optional at import time
+    except ImportError as exc:
+        raise DataError(f"cannot read {path}: DICOM support is missing ({exc}); "
+                        "install pydicom (pip install pydicom)") from None
+    array = np.asarray(read_dicom(path))
+    array = to_uint8(array, path)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] != 3):
+        raise DataError(f"cannot read {path}: DICOM pixels of shape {array.shape}; "
+                        "expected one 2D grayscale or RGB frame")
+    return array
+
+
+def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize uint8 [N, C, H, W] (or [C, H, W]) to size x size, bilinear with antialias, in one call."""
+    if images.shape[-2:] == (size, size):
+        return images
+    return TF.resize(images, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
+
+
+def array_to_chw(array: np.ndarray) -> torch.Tensor:
+    """(H, W) or (H, W, 3) uint8 -> [C, H, W] uint8 tensor."""
+    array = np.ascontiguousarray(array)
+    with warnings.catch_warnings():
+        # PIL's arrays are read-only; nothing writes to them (resize and stack make new tensors)
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        tensor = torch.from_numpy(array)
+    return tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1).contiguous()
+
+
+def load_images(paths: Iterable[str], size: int) -> torch.Tensor:
+    """Decode and resize every file right away (only the small copies are kept): uint8 [N, C, S, S]."""
+    paths = list(paths)
+
+    def one(path: str) -> torch.Tensor:
+        return resize_images(array_to_chw(read_image(path)), size)
+
+    if len(paths) < 32:
+        return stack_mixed_channels([one(p) for p in paths])
+    # PIL decoding and torch resizing release the GIL: a few threads overlap the per-file work
+    workers = min(8, 2 * (os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return stack_mixed_channels(list(pool.map(one, paths)))
+
+
+def stack_mixed_channels(images: list[torch.Tensor]) -> torch.Tensor:
+    """Stack [C, S, S] tensors; if some are RGB, grayscale ones are promoted to 3 channels."""
+    if not images:
+        raise DataError("no images to stack")
+    if any(img.shape[0] == 3 for img in images):
+        images = [img.expand(3, -1, -1) if img.shape[0] == 1 else img for img in images]
+    return torch.stack(images).contiguous()

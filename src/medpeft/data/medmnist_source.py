@@ -1,0 +1,138 @@
+"""MedMNIST v2 (2D) data sets from their official ``.npz`` files, with the official splits."""
+from __future__ import annotations
+
+import os
+import zipfile
+
+import numpy as np
+import torch
+
+from medpeft.data.base import DataBundle, DataConfig, ImageSet
+from medpeft.data.io import is_online, resize_images
+from medpeft.data.splits import SPLITS, split_info_for
+from medpeft.errors import ConfigError, DataError
+
+MEDMNIST_SIZES = (28, 64, 128, 224)
+_TASKS = {"binary-class": "binary", "multi-class": "multiclass",
+          "multi-label, binary-class": "multilabel", "ordinal-regression": "multiclass"}
+
+
+def _info() -> dict:
+    import medmnist  # imported here: only MedMNIST runs pay for it
+
+    return medmnist.INFO
+
+
+def medmnist_names() -> list[str]:
+    """The 2D MedMNIST flags (3D volumes are not images this tool handles)."""
+    return sorted(flag for flag in _info() if not flag.endswith("3d"))
+
+
+def medmnist_3d_names() -> list[str]:
+    return sorted(flag for flag in _info() if flag.endswith("3d"))
+
+
+def default_data_root() -> str:
+    """$MEDPEFT_DATA if set, else the medmnist package's default (~/.medmnist)."""
+    env = os.environ.get("MEDPEFT_DATA")
+    if env:
+        return os.path.expanduser(env)
+    try:
+        from medmnist.info import DEFAULT_ROOT
+    except ImportError:  # pragma: no cover - older medmnist
+        DEFAULT_ROOT = os.path.join("~", ".medmnist")
+    return os.path.expanduser(DEFAULT_ROOT)
+
+
+def file_name(flag: str, size: int) -> str:
+    return f"{flag}.npz" if size == 28 else f"{flag}_{size}.npz"
+
+
+def expected_path(flag: str, root: str, size: int) -> str:
+    return os.path.join(os.path.expanduser(root), file_name(flag, size))
+
+
+def _check_size(size) -> int:
+    size = 28 if size is None else size
+    if isinstance(size, bool) or size not in MEDMNIST_SIZES:
+        raise ConfigError(f"medmnist_size must be one of {', '.join(map(str, MEDMNIST_SIZES))}, got {size!r}")
+    return int(size)
+
+
+def _download(flag: str, root: str, size: int, path: str) -> None:
+    import medmnist
+
+    info = medmnist.INFO[flag]
+    os.makedirs(root, exist_ok=True)
+    dataset_class = getattr(medmnist, info["python_class"])
+    try:
+        dataset_class(split="train", root=root, download=True, size=None if size == 28 else size)
+    except Exception as exc:  # medmnist raises bare RuntimeErrors on any failure
+        url = info.get("url" if size == 28 else f"url_{size}", "")
+        raise DataError(f"downloading {file_name(flag, size)} into {root} failed ({str(exc).strip()[:200]}); "
+                        f"download it by hand from {url} to {path}") from None
+
+
+def load_medmnist(flag: str, cfg: DataConfig) -> DataBundle:
+    info_all = _info()
+    flag = flag.lower()
+    info = info_all[flag]
+    size = _check_size(cfg.medmnist_size)
+    root = os.path.expanduser(cfg.root) if cfg.root else default_data_root()
+    path = expected_path(flag, root, size)
+    if not os.path.isfile(path):
+        if is_online():
+            _download(flag, root, size, path)
+        else:
+            url = info.get("url" if size == 28 else f"url_{size}", "")
+            raise DataError(f"MedMNIST file not found: {path} (offline, so not downloaded). "
+                            f"Download {url} to that path, or point --data-root (or $MEDPEFT_DATA) "
+                            f"at the folder holding {file_name(flag, size)}")
+    splits = _read_npz(path)
+    task = _TASKS.get(info["task"])
+    if task is None:  # pragma: no cover - future medmnist task types
+        raise DataError(f"{flag}: unsupported MedMNIST task {info['task']!r}")
+    sets = {}
+    for split in SPLITS:
+        images, labels = splits[split]
+        sets[split] = ImageSet(images=_to_tensor(images, cfg.image_size),
+                               labels=_labels(labels, task, path, split),
+                               ids=[f"{split}/{i}" for i in range(len(labels))])
+    class_names = [info["label"][k] for k in sorted(info["label"], key=int)]
+    split_info = split_info_for("official", sets["train"], sets["val"], sets["test"], seed=None,
+                                source="medmnist", file=path, medmnist_size=size)
+    return DataBundle(name=flag, task=task, class_names=class_names, train=sets["train"],
+                      val=sets["val"], test=sets["test"], split_info=split_info)
+
+
+def _read_npz(path: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [f"{s}_{k}" for s in SPLITS for k in ("images", "labels") if f"{s}_{k}" not in npz.files]
+            if missing:
+                raise DataError(f"corrupt MedMNIST file {path}: arrays {', '.join(missing)} are missing "
+                                f"(found {', '.join(npz.files) or 'none'}); delete it and download it again")
+            out = {s: (npz[f"{s}_images"], npz[f"{s}_labels"]) for s in SPLITS}
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        raise DataError(f"corrupt MedMNIST file {path}: {exc}; delete it and download it again") from None
+    for split, (images, labels) in out.items():
+        if images.dtype != np.uint8 or images.ndim not in (3, 4) or len(images) != len(labels):
+            raise DataError(f"corrupt MedMNIST file {path}: {split} has images {images.dtype}{list(images.shape)} "
+                            f"and {len(labels)} labels; expected uint8 [N,H,W(,3)] with N labels")
+    return out
+
+
+def _to_tensor(images: np.ndarray, image_size: int) -> torch.Tensor:
+    tensor = torch.from_numpy(np.ascontiguousarray(images))
+    tensor = tensor.unsqueeze(1) if tensor.ndim == 3 else tensor.permute(0, 3, 1, 2).contiguous()
+    return resize_images(tensor, image_size)  # the whole split in one call
+
+
+def _labels(labels: np.ndarray, task: str, path: str, split: str) -> torch.Tensor:
+    if task == "multilabel":
+        return torch.from_numpy(labels.astype(np.float32).reshape(len(labels), -1))
+    if labels.ndim == 2 and labels.shape[1] != 1:
+        raise DataError(f"corrupt MedMNIST file {path}: {split}_labels has shape {labels.shape}, expected (N, 1)")
+    return torch.from_numpy(labels.reshape(-1).astype(np.int64))

@@ -1,0 +1,114 @@
+"""``load_data``: one entry point for every data source.
+
+Dispatch on ``cfg.name``: a MedMNIST flag -> official npz files; a folder -> image folder
+of class sub-folders; a ``*.csv`` file -> manifest. Then the split (official, from the
+manifest, from a split file, or stratified/grouped by seed) and the label-scarcity subset.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from numbers import Integral
+
+from medpeft.data.base import DataBundle, DataConfig
+from medpeft.data.folder import load_image_folder
+from medpeft.data.manifest import load_manifest
+from medpeft.data.medmnist_source import load_medmnist, medmnist_3d_names, medmnist_names
+from medpeft.data.splits import (apply_subset, assign_from_split_file, check_ratios, check_subset_options, concat_sets,
+                                 split_indices, split_info_for, split_pool, stratum_keys)
+from medpeft.errors import ConfigError, DataError
+
+SOURCE_KINDS = ("medmnist", "folder", "manifest")
+
+
+def _candidates(name: str, root: str | None) -> list[str]:
+    """The name as given, then relative to cfg.root (so --data-root + a folder name works)."""
+    paths = [os.path.expanduser(name)]
+    if root and not os.path.isabs(paths[0]):
+        paths.append(os.path.join(os.path.expanduser(root), paths[0]))
+    return paths
+
+
+def resolve_source(cfg: DataConfig) -> tuple[str, str]:
+    """(kind, flag or path) for cfg.name, or ConfigError listing what is accepted."""
+    name = str(cfg.name or "").strip()
+    if name.lower() in medmnist_names():
+        return "medmnist", name.lower()
+    if name.lower() in medmnist_3d_names():
+        raise ConfigError(f"data set {name!r} is a 3D MedMNIST volume set; medpeft handles 2D images. "
+                          f"2D MedMNIST names: {', '.join(medmnist_names())}")
+    for path in _candidates(name, cfg.root):
+        if os.path.isdir(path):
+            return "folder", path
+        if os.path.isfile(path) and path.lower().endswith(".csv"):
+            return "manifest", path
+    if name.lower().endswith(".csv"):
+        raise DataError(f"manifest not found: {name}" + (f" (nor under data root {cfg.root})" if cfg.root else ""))
+    raise ConfigError(f"unknown data set {name!r} (no such folder or file). Accepted: a MedMNIST name "
+                      f"({', '.join(medmnist_names())}), a folder with one sub-folder of images per class, "
+                      "or a CSV manifest (*.csv) with columns path,label[,split][,group]")
+
+
+def _check_config(cfg: DataConfig) -> None:
+    size = cfg.image_size
+    if isinstance(size, bool) or not isinstance(size, Integral) or size < 1:
+        raise ConfigError(f"image_size must be a whole number >= 1 (pixels, square), got {size!r}")
+    # checked before any image is read, so a typo fails in milliseconds, not after loading
+    check_ratios(cfg.val_ratio, cfg.test_ratio)
+    check_subset_options(cfg.fraction, cfg.shots)
+
+
+def load_data(cfg: DataConfig) -> DataBundle:
+    """Load, split and subset the data described by cfg; images are uint8 at cfg.image_size."""
+    _check_config(cfg)
+    kind, where = resolve_source(cfg)
+    if kind == "medmnist":
+        bundle = load_medmnist(where, cfg)
+        if cfg.split_file:
+            pool = concat_sets([bundle.train, bundle.val, bundle.test])
+            bundle.train, bundle.val, bundle.test, bundle.split_info = assign_from_split_file(pool, cfg.split_file)
+    elif kind == "folder":
+        name, task, class_names, pool = load_image_folder(where, cfg)
+        bundle = _split_bundle(name, task, class_names, pool, None, cfg)
+    else:
+        manifest = load_manifest(where, cfg)
+        bundle = _split_bundle(manifest.name, manifest.task, manifest.class_names, manifest.pool,
+                               manifest.split, cfg)
+    bundle.split_info["source"] = kind
+    apply_subset(bundle, cfg)
+    return bundle
+
+
+def _split_bundle(name, task, class_names, pool, given_split, cfg: DataConfig) -> DataBundle:
+    if cfg.split_file:
+        train, val, test, info = assign_from_split_file(pool, cfg.split_file)
+    elif given_split is not None:
+        train, val, test, info = _given_split(pool, given_split, cfg)
+    else:
+        train, val, test, info = split_pool(pool, cfg)
+    return DataBundle(name=name, task=task, class_names=class_names, train=train, val=val, test=test,
+                      split_info=info)
+
+
+def _given_split(pool, given_split: list[str], cfg: DataConfig):
+    """The manifest's own split column; a missing val split is carved out of train."""
+    rows = {s: [i for i, v in enumerate(given_split) if v == s] for s in ("train", "val", "test")}
+    for split in ("train", "test"):
+        if not rows[split]:
+            raise DataError(f"the manifest's split column has no {split!r} rows; give train and test rows "
+                            "(val is optional) or drop the split column for an automatic split")
+    extra = {}
+    if not rows["val"]:
+        check_ratios(cfg.val_ratio, cfg.test_ratio)
+        train_pool = pool.subset(rows["train"])
+        keep, carved = split_indices(stratum_keys(train_pool.labels), train_pool.groups,
+                                     (1.0 - cfg.val_ratio, cfg.val_ratio), cfg.split_seed)
+        rows["val"] = [rows["train"][i] for i in carved]
+        rows["train"] = [rows["train"][i] for i in keep]
+        extra = {"val_from_train": cfg.val_ratio, "seed": cfg.split_seed}
+    train, val, test = (pool.subset(rows[s]) for s in ("train", "val", "test"))
+    info = split_info_for("official", train, val, test, origin="manifest split column", **extra)
+    if info.get("groups_on_two_sides"):
+        warnings.warn(f"the manifest's split puts {info['groups_on_two_sides']} group(s) on more than one "
+                      "side of train/val/test; scores may be inflated by leakage", stacklevel=3)
+    return train, val, test, info
