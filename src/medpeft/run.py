@@ -6,6 +6,7 @@ A run folder holds:
   history.csv         one row per epoch
   adapter.safetensors what training changed (method parameters + head + trained norm statistics),
                       with the backbone/method/config in its metadata so it loads onto a fresh backbone
+  test_predictions.csv  id, label and class probabilities of each test image (for paired re-analysis)
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from .backbones import create_backbone, check_image_size
 from .data import load_data
 from .data.base import DataBundle, DataConfig
 from .errors import ConfigError
-from .methods import (apply_methods, build_configs, config_to_dict, configs_from_dict, count_parameters,
+from .methods import (apply_methods, build_configs, config_to_dict, count_parameters,
                       get_method, load_trained_state, parse_method, trained_state_dict)
 from .metrics import metrics_with_ci
 from .train import TrainConfig, resolve_device, seed_everything, train_model
@@ -73,8 +74,13 @@ def build_model(backbone: str, num_classes: int, image_size: int, method: str, m
     """Backbone + methods applied; returns (model, backbone info, method names, method configs)."""
     names = parse_method(method)
     configs = build_configs(names, method_options)
-    model, info = create_backbone(backbone, num_classes=num_classes, image_size=image_size, weights=weights,
-                                  pretrained=pretrained, in_chans=in_chans)
+    # The base model is created under a fixed, forked RNG: randomly initialised parts (the new
+    # head, random-weight backbones) are then identical in every process, so a saved adapter
+    # reproduces its run on a fresh backbone; the caller's RNG stream is left untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model, info = create_backbone(backbone, num_classes=num_classes, image_size=image_size, weights=weights,
+                                      pretrained=pretrained, in_chans=in_chans)
     check_image_size(info, image_size)
     apply_methods(model, names, configs, info.family)
     return model, info, names, configs
@@ -138,6 +144,7 @@ def execute(cfg: RunConfig, out_dir: str | Path | None = None, bundle: DataBundl
     if save:
         out = Path(out_dir) if out_dir else default_out_dir(cfg)
         metrics["adapter_bytes"] = write_run(out, cfg, metrics, result.history, model, bundle, info)
+        write_predictions(out / "test_predictions.csv", bundle, result.test_probs)
         metrics["out_dir"] = str(out)
     return metrics
 
@@ -166,6 +173,16 @@ def write_run(out: Path, cfg: RunConfig, metrics: dict, history: list[dict], mod
             writer.writeheader()
             writer.writerows(history)
     return metrics["adapter_bytes"]
+
+
+def write_predictions(path: Path, bundle: DataBundle, probs) -> None:
+    labels = bundle.test.labels.numpy()
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["id", "label"] + [f"p_{c}" for c in bundle.class_names])
+        for ident, label, row in zip(bundle.test.ids, labels, probs):
+            label = "|".join(str(int(v)) for v in label) if getattr(label, "ndim", 0) else int(label)
+            writer.writerow([ident, label] + [f"{float(v):.8g}" for v in row])
 
 
 @dataclass

@@ -1,0 +1,121 @@
+"""End-to-end runs: run folder contents, determinism, save/load/merge of the trained model, CLI errors."""
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from medpeft.cli import main
+from medpeft.data import load_data
+from medpeft.data.base import DataConfig
+from medpeft.errors import ConfigError
+from medpeft.run import RunConfig, execute, load_run
+from medpeft.train import TrainConfig, predict_probs
+
+
+def tiny_config(root, method="lora", backbone="tiny_cnn", seed=0, **train):
+    return RunConfig(
+        data=DataConfig(name="breastmnist", root=str(root), image_size=32, fraction=0.5, subset_seed=seed),
+        train=TrainConfig(epochs=train.pop("epochs", 2), batch_size=32, seed=seed, **train),
+        backbone=backbone, method=method, n_boot=200,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_run(medmnist_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    cfg = tiny_config(medmnist_root)
+    return cfg, execute(cfg, out_dir=out), out
+
+
+def test_run_folder_has_config_metrics_history_adapter(tiny_run):
+    cfg, metrics, out = tiny_run
+    assert {p.name for p in out.iterdir()} >= {"config.yaml", "metrics.json", "history.csv", "adapter.safetensors",
+                                               "test_predictions.csv"}
+    saved = json.loads((out / "metrics.json").read_text())
+    for split in ("val", "test"):
+        for name in ("acc", "balanced_acc", "f1", "sensitivity", "specificity", "auroc"):
+            m = saved[split][name]
+            assert m["low"] <= m["high"] and 0 <= m["value"] <= 1
+    p = saved["params"]
+    assert 0 < p["trainable"] < p["total"] and abs(p["trainable_pct"] - 100 * p["trainable"] / p["total"]) < 1e-9
+    assert saved["train_seconds"] > 0 and saved["peak_rss_mb"] > 0 and saved["adapter_bytes"] > 0
+    assert 272 <= saved["n_train"] <= 274 and saved["n_val"] == 78 and saved["n_test"] == 156  # fraction 0.5 of train only
+    rows = list(csv.DictReader(open(out / "history.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    # config.yaml reproduces the run config
+    import yaml
+    assert RunConfig.from_dict(yaml.safe_load((out / "config.yaml").read_text())) == cfg
+
+
+def test_same_seed_same_numbers(tiny_run, medmnist_root):
+    cfg, first, _ = tiny_run
+    second = execute(tiny_config(medmnist_root), save=False)
+    assert second["test"] == first["test"] and second["val"] == first["val"]
+    other = execute(tiny_config(medmnist_root, seed=1), save=False)
+    assert other["test"] != first["test"]
+
+
+def test_saved_adapter_reproduces_test_predictions(tiny_run, medmnist_root):
+    cfg, metrics, out = tiny_run
+    bundle = load_data(cfg.data)
+    saved = np.array([[float(r[k]) for k in r if k.startswith("p_")] for r in csv.DictReader(open(out / "test_predictions.csv"))])
+    loaded = load_run(out)
+    probs = predict_probs(loaded.model, bundle.test, loaded.mean, loaded.std, "binary")
+    np.testing.assert_allclose(probs, saved, atol=1e-6)
+    merged = load_run(out, merge=True)
+    probs_merged = predict_probs(merged.model, bundle.test, merged.mean, merged.std, "binary")
+    np.testing.assert_allclose(probs_merged, saved, atol=1e-4)
+    assert not any("lora" in n for n, _ in merged.model.named_parameters())
+
+
+def test_best_state_is_a_copy_not_the_live_model(medmnist_root):
+    """With patience the last epochs are worse on val; the restored state must be the best epoch's."""
+    cfg = tiny_config(medmnist_root, method="full", epochs=4, lr=0.05, patience=10)
+    metrics = execute(cfg, save=False)
+    history = metrics  # best epoch recorded; its val metric must equal the final val metric
+    best = metrics["best_epoch"]
+    assert 1 <= best <= metrics["epochs_run"]
+
+
+def test_cli_run_and_predict(medmnist_root, tmp_path, capsys):
+    out = tmp_path / "cli"
+    code = main(["run", "--data", "breastmnist", "--data-root", str(medmnist_root), "--backbone", "tiny_vit",
+                 "--method", "bitfit", "--image-size", "16", "--epochs", "1", "--n-boot", "50", "--out", str(out),
+                 "--quiet"])
+    assert code == 0 and (out / "metrics.json").is_file()
+    from PIL import Image
+    img = tmp_path / "x.png"
+    Image.fromarray((np.random.default_rng(0).random((40, 30)) * 255).astype("uint8")).save(img)
+    assert main(["predict", str(out), str(img), "--out", str(tmp_path / "p.csv")]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "p.csv")))
+    assert rows[0]["prediction"] in ("malignant", "normal, benign") and abs(
+        float(rows[0]["p_malignant"]) + float(rows[0]["p_normal, benign"]) - 1) < 1e-5
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--data", "nosuchmnist"], "nosuchmnist"),
+    (["--backbone", "nosuchnet"], "efficientnet_lite0"),
+    (["--method", "nosuchmethod"], "lora"),
+    (["--fraction", "1.5"], "1.5"),
+    (["--fraction", "0"], "fraction"),
+    (["--shots", "10000"], "10000"),
+    (["--backbone", "dinov2_vits14", "--image-size", "30"], "14"),
+    (["--data-root", "/nonexistent/root"], "/nonexistent/root"),
+    (["--method", "lora", "--lora-rank", "0"], "rank"),
+])
+def test_cli_errors_name_the_bad_value(argv, expected, medmnist_root, capsys, tmp_path):
+    base = ["run", "--data", "breastmnist", "--data-root", str(medmnist_root), "--backbone", "tiny_cnn",
+            "--image-size", "32", "--epochs", "1", "--quiet", "--out", str(tmp_path / "o")]
+    code = main(base + argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert expected in err and "Traceback" not in err
+
+
+def test_run_config_rejects_unknown_keys():
+    with pytest.raises(ConfigError, match="bogus"):
+        RunConfig.from_dict({"bogus": 1})
+    with pytest.raises(ConfigError, match="epochz"):
+        RunConfig.from_dict({"train": {"epochz": 3}})
