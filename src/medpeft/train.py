@@ -215,7 +215,9 @@ def train_model(model: nn.Module, bundle: DataBundle, mean, std, cfg: TrainConfi
     net = model
     if use_cache:  # the frozen trunk runs once per split instead of once per epoch
         net = _FeatureHead(model.get_classifier())
-        train_loader = _TensorLoader(extract_features(model, train_loader, amp_dtype), train_loader.labels,
+        # extraction reads every training image once, in order (not the shuffled, drop-last loader)
+        ordered = BatchLoader(bundle.train, cfg.eval_batch_size, mean, std, device=device)
+        train_loader = _TensorLoader(extract_features(model, ordered, amp_dtype), ordered.labels,
                                      cfg.batch_size, shuffle=True, seed=cfg.seed)
         val_loader = _TensorLoader(extract_features(model, val_loader, amp_dtype), val_loader.labels,
                                    cfg.eval_batch_size)
