@@ -1,2 +1,2 @@
 """Imports every method module so that each registers itself (see ``base.register_method``)."""
-from . import baselines, lora, selective  # noqa: F401
+from . import adapters, baselines, fact, lora, prompts, selective  # noqa: F401
