@@ -1,0 +1,870 @@
+"""Data set audit: duplicates, near-duplicates, images in two classes, leakage across splits,
+unreadable files, class balance, image sizes and modes.
+
+Near-duplicates are found with a 128-bit perceptual hash, the concatenation of a 64-bit DCT
+hash (pHash: low 8x8 DCT coefficients of a 32x32 grayscale thumbnail against their median)
+and a 64-bit difference hash (dHash: 8x9 thumbnail, each pixel brighter than its left
+neighbour). Two images are near-duplicates when the Hamming distance of their hashes is at
+most ``threshold`` bits; near-duplicate groups are the connected components of that relation
+(union-find), exact duplicates (same decoded pixels) included.
+
+Threshold ``"auto"`` (the default) = min(22, median - 4 * robust sd of the distances between
+random image pairs of the data set itself). Why 22: on BUSI the pair distances have a clear
+valley between about 13 and 25 bits (a few pairs each, all visibly the same scene) and the
+unrelated pairs sit at 62 +- 7; rescaling changes a hash by 0-2 bits, a 3% crop on every side
+by ~13. Why the data-based bound: images that all look alike (28 px chest X-rays: unrelated
+pairs at 41 +- 9) would otherwise chain into giant false groups; there it falls to ~5 bits.
+
+    report = audit_dataset("../shared/data/Dataset_BUSI_with_GT")
+    print(report.summary_text()); report.to_json("audit.json")
+    groups = leak_free_groups(pool)            # one group id per image, for a grouped split
+    compare_split_leakage(pool)                # naive vs leak-free split: test images with a twin in train
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import statistics
+import time
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medpeft.data.base import DataBundle, ImageSet
+from medpeft.errors import ConfigError, DataError
+
+THRESHOLD_CAP = 22  # the most bits "auto" allows (see the module docstring)
+DEFAULT_THRESHOLD = "auto"
+AUTO_Z = 4.0  # auto threshold: this many robust sds below the median distance of random pairs
+AUTO_MIN_IMAGES = 30  # below this the pair statistics are too noisy: auto uses the cap
+HASH_BITS = 128
+_LUMA = (0.299, 0.587, 0.114)
+
+
+# ----------------------------------------------------------------------------- hashing
+def _dct_matrix(n: int = 32) -> np.ndarray:
+    """Orthonormal DCT-II matrix: coefficients = D @ block @ D.T."""
+    k = np.arange(n)
+    d = np.sqrt(2.0 / n) * np.cos(np.pi * (2 * k[None, :] + 1) * k[:, None] / (2 * n))
+    d[0] /= np.sqrt(2.0)
+    return d
+
+
+_DCT32 = _dct_matrix(32)
+
+
+def _bits_to_uint64(bits: np.ndarray) -> np.ndarray:
+    """(N, 64) bools -> (N,) uint64, first bit most significant."""
+    packed = np.packbits(bits.astype(np.uint8), axis=1)  # (N, 8)
+    return packed.view(">u8")[:, 0].astype(np.uint64)
+
+
+def phash_from_thumbnails(thumbs: np.ndarray) -> np.ndarray:
+    """64-bit DCT hashes of (N, 32, 32) grayscale thumbnails."""
+    coeffs = _DCT32 @ np.asarray(thumbs, dtype=np.float64) @ _DCT32.T
+    low = coeffs[:, :8, :8].reshape(len(coeffs), 64)
+    return _bits_to_uint64(low > np.median(low, axis=1, keepdims=True))
+
+
+def dhash_from_thumbnails(small: np.ndarray) -> np.ndarray:
+    """64-bit difference hashes of (N, 8, 9) grayscale thumbnails."""
+    small = np.asarray(small, dtype=np.float64)
+    return _bits_to_uint64((small[:, :, 1:] > small[:, :, :-1]).reshape(len(small), 64))
+
+
+def _gray(images: torch.Tensor) -> torch.Tensor:
+    """[N, C, H, W] (any dtype) -> float32 [N, 1, H, W] luminance."""
+    x = images.float()
+    if x.shape[1] == 3:
+        w = torch.tensor(_LUMA, dtype=x.dtype).view(1, 3, 1, 1)
+        x = (x * w).sum(1, keepdim=True)
+    elif x.shape[1] != 1:
+        x = x.mean(1, keepdim=True)
+    return x
+
+
+def _thumbnails(gray: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Area-averaged 32x32 and 8x9 thumbnails of [N, 1, H, W] images (sizes may be smaller)."""
+    t32 = F.adaptive_avg_pool2d(gray, (32, 32))[:, 0].numpy()
+    t89 = F.adaptive_avg_pool2d(gray, (8, 9))[:, 0].numpy()
+    return t32, t89
+
+
+def array_to_tensor(array: np.ndarray) -> torch.Tensor:
+    """(H, W) or (H, W, C) pixels -> [1, C, H, W] tensor."""
+    array = np.ascontiguousarray(array)
+    t = torch.from_numpy(array if array.flags.writeable else array.copy())  # PIL arrays are read-only
+    return t[None, None] if t.ndim == 2 else t.permute(2, 0, 1)[None]
+
+
+def perceptual_hash(image: np.ndarray | torch.Tensor) -> tuple[int, int]:
+    """(pHash, dHash) of one image: numpy (H, W) / (H, W, 3) or tensor [C, H, W]."""
+    t = array_to_tensor(image) if isinstance(image, np.ndarray) else image[None]
+    t32, t89 = _thumbnails(_gray(t))
+    return int(phash_from_thumbnails(t32)[0]), int(dhash_from_thumbnails(t89)[0])
+
+
+def pixel_sha256(array: np.ndarray) -> str:
+    """SHA-256 of decoded pixels (shape included); RGB with three equal channels counts as gray."""
+    array = np.ascontiguousarray(array)
+    if array.ndim == 3 and array.shape[-1] == 3 and (array[..., 0] == array[..., 1]).all() \
+            and (array[..., 1] == array[..., 2]).all():
+        array = np.ascontiguousarray(array[..., 0])
+    head = f"{array.dtype.str}{array.shape}".encode()
+    return hashlib.sha256(head + array.tobytes()).hexdigest()
+
+
+_POP8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+
+def popcount64(x: np.ndarray) -> np.ndarray:
+    """Number of set bits of each uint64."""
+    if hasattr(np, "bitwise_count"):  # numpy >= 2
+        return np.bitwise_count(x)
+    return _POP8[np.ascontiguousarray(x).view(np.uint8)].reshape(*x.shape, 8).sum(-1).astype(np.uint8)
+
+
+@dataclass
+class ImageHashes:
+    """Per image: pixel SHA-256 (None when unreadable) and the two 64-bit perceptual hashes."""
+
+    sha256: list[str | None]
+    phash: np.ndarray
+    dhash: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.sha256)
+
+    @property
+    def valid(self) -> np.ndarray:
+        return np.array([s is not None for s in self.sha256], dtype=bool)
+
+    def distance(self, i: int, j: int) -> int:
+        return int(popcount64(self.phash[i] ^ self.phash[j])) + int(popcount64(self.dhash[i] ^ self.dhash[j]))
+
+
+def hash_images(images: torch.Tensor) -> ImageHashes:
+    """Hashes of in-memory images uint8 [N, C, H, W] (e.g. an ImageSet's, already resized)."""
+    if images.ndim != 4:
+        raise DataError(f"expected images shaped [N, C, H, W], got {tuple(images.shape)}")
+    chw = images.permute(0, 2, 3, 1).numpy()
+    shas = [pixel_sha256(a[..., 0] if a.shape[-1] == 1 else a) for a in chw]
+    phash, dhash = [], []
+    for start in range(0, len(images), 1024):  # bounded memory for large sets
+        t32, t89 = _thumbnails(_gray(images[start:start + 1024]))
+        phash.append(phash_from_thumbnails(t32))
+        dhash.append(dhash_from_thumbnails(t89))
+    empty = np.zeros(0, dtype=np.uint64)
+    return ImageHashes(shas, np.concatenate(phash) if phash else empty, np.concatenate(dhash) if dhash else empty)
+
+
+@dataclass
+class FileInfo:
+    sha256: str | None = None
+    phash: int = 0
+    dhash: int = 0
+    width: int | None = None
+    height: int | None = None
+    mode: str | None = None
+    error: str | None = None
+
+
+def inspect_file(path: str) -> FileInfo:
+    """Header facts (size, mode) and hashes of one image file; an unreadable file gives ``error``."""
+    from medpeft.data.io import read_image
+
+    info = FileInfo()
+    try:
+        if path.lower().endswith(".dcm"):
+            from medpeft.data.dicom import read_dataset
+
+            ds = read_dataset(path, pixels=False, tags=["PhotometricInterpretation", "BitsStored"])
+            info.mode = f"DICOM {ds.get('PhotometricInterpretation', '?')} {ds.get('BitsStored', '?')}-bit"
+        else:
+            from PIL import Image
+
+            with Image.open(path) as image:  # lazy: reads the header only
+                info.mode = image.mode
+        array = read_image(path)
+    except DataError as exc:
+        info.error = str(exc)
+        return info
+    except Exception as exc:  # a decoder bug on one odd file must not stop the audit of the rest
+        info.error = f"cannot read {path}: {type(exc).__name__}: {exc}"
+        return info
+    info.height, info.width = int(array.shape[0]), int(array.shape[1])
+    info.sha256 = pixel_sha256(array)
+    info.phash, info.dhash = perceptual_hash(array)
+    return info
+
+
+def inspect_files(paths: Sequence[str]) -> list[FileInfo]:
+    workers = min(8, 2 * (os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # decoding releases the GIL
+        return list(pool.map(inspect_file, paths))
+
+
+def hash_files(paths: Sequence[str]) -> ImageHashes:
+    infos = inspect_files(list(paths))
+    return _hashes_of(infos)
+
+
+def _hashes_of(infos: list[FileInfo]) -> ImageHashes:
+    return ImageHashes([i.sha256 for i in infos], np.array([i.phash for i in infos], dtype=np.uint64),
+                       np.array([i.dhash for i in infos], dtype=np.uint64))
+
+
+# ----------------------------------------------------------------------------- grouping
+class UnionFind:
+    def __init__(self, n: int):
+        self.parent = list(range(n))
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]  # path halving
+            i = self.parent[i]
+        return i
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:  # the smallest index is the root: group ids follow input order
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+    def roots(self) -> list[int]:
+        return [self.find(i) for i in range(len(self.parent))]
+
+
+def near_pairs(hashes: ImageHashes, threshold: int | str = DEFAULT_THRESHOLD) -> list[tuple[int, int, int]]:
+    """(i, j, distance) with i < j for every pair of readable images within ``threshold`` bits,
+    exact pixel duplicates included (distance 0 even if a hash differs)."""
+    threshold = resolve_threshold(hashes, threshold)[0]
+    valid = np.flatnonzero(hashes.valid)
+    ph, dh = hashes.phash[valid], hashes.dhash[valid]
+    n = len(valid)
+    pairs: list[tuple[int, int, int]] = []
+    block = max(1, min(n, (1 << 22) // max(n, 1)))  # ~4M distances per step
+    for start in range(0, n, block):
+        dist = popcount64(ph[start:start + block, None] ^ ph[None, :]).astype(np.int16)
+        dist += popcount64(dh[start:start + block, None] ^ dh[None, :])
+        rows, cols = np.nonzero(dist <= threshold)
+        rows_abs = rows + start
+        keep = cols > rows_abs
+        for r, c, d in zip(rows_abs[keep], cols[keep], dist[rows[keep], cols[keep]]):
+            pairs.append((int(valid[r]), int(valid[c]), int(d)))
+    by_sha: dict[str, list[int]] = defaultdict(list)
+    for i, sha in enumerate(hashes.sha256):
+        if sha is not None:
+            by_sha[sha].append(i)
+    seen = {(i, j) for i, j, _ in pairs}
+    for members in by_sha.values():
+        for other in members[1:]:
+            if (members[0], other) not in seen:
+                pairs.append((members[0], other, 0))
+    return pairs
+
+
+def check_threshold(threshold) -> int | str:
+    """``"auto"`` or a whole number of bits in 0..128 (strings of digits accepted, for the CLI)."""
+    if isinstance(threshold, str):
+        text = threshold.strip().lower()
+        if text == "auto":
+            return "auto"
+        if text.isdigit():
+            threshold = int(text)
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, np.integer)) \
+            or not 0 <= int(threshold) <= HASH_BITS:
+        raise ConfigError(f"near-duplicate threshold must be 'auto' or a whole number of bits in 0..{HASH_BITS}, "
+                          f"got {threshold!r}")
+    return int(threshold)
+
+
+def pair_distance_stats(hashes: ImageHashes, sample: int = 2000, seed: int = 0) -> dict:
+    """Median and robust sd (1.4826 MAD) of the distances between random pairs of readable images:
+    where unrelated images of this data set lie."""
+    valid = np.flatnonzero(hashes.valid)
+    if len(valid) > sample:
+        valid = np.sort(np.random.default_rng(seed).choice(valid, sample, replace=False))
+    if len(valid) < 2:
+        return {"pairs": 0, "median": None, "sd": None}
+    ph, dh = hashes.phash[valid], hashes.dhash[valid]
+    rows, cols = np.triu_indices(len(valid), 1)
+    dist = popcount64(ph[rows] ^ ph[cols]).astype(np.int16) + popcount64(dh[rows] ^ dh[cols])
+    median = float(np.median(dist))
+    return {"pairs": int(len(dist)), "median": median,
+            "sd": round(float(np.median(np.abs(dist - median)) * 1.4826), 3)}
+
+
+def resolve_threshold(hashes: ImageHashes, threshold: int | str = DEFAULT_THRESHOLD) -> tuple[int, dict]:
+    """(bits used, how it was chosen). ``auto``: min(22, median - 4 sd of random pairs), or 22
+    for fewer than 30 images. A number is used as given."""
+    threshold = check_threshold(threshold)
+    n_valid = int(hashes.valid.sum())
+    info: dict[str, Any] = {"requested": threshold, "cap": THRESHOLD_CAP, "z": AUTO_Z}
+    if n_valid >= AUTO_MIN_IMAGES:
+        stats = pair_distance_stats(hashes)
+        bound = int(math.floor(stats["median"] - AUTO_Z * stats["sd"]))
+        info.update({"random_pair_median": stats["median"], "random_pair_sd": stats["sd"],
+                     "data_bound": max(0, bound)})
+    else:
+        info["data_bound"] = None  # too few images for pair statistics
+    if threshold == "auto":
+        used = THRESHOLD_CAP if info["data_bound"] is None else min(THRESHOLD_CAP, info["data_bound"])
+    else:
+        used = int(threshold)
+    info["used"] = used
+    return used, info
+
+
+def _hashes_for(source) -> tuple[ImageHashes, list[str] | None]:
+    """Hashes of a source, plus its existing groups (ImageSet / DataBundle) if any."""
+    if isinstance(source, ImageHashes):
+        return source, None
+    if isinstance(source, DataBundle):
+        source = _pool_of(source)
+    if isinstance(source, ImageSet):
+        return hash_images(source.images), source.groups
+    if isinstance(source, torch.Tensor):
+        return hash_images(source), None
+    if isinstance(source, (list, tuple)) and all(isinstance(p, (str, os.PathLike)) for p in source):
+        return hash_files([os.fspath(p) for p in source]), None
+    raise ConfigError(f"cannot find near-duplicates in a {type(source).__name__}; expected an ImageSet, "
+                      "a DataBundle, a uint8 image tensor [N, C, H, W] or a list of image files")
+
+
+def _pool_of(bundle: DataBundle) -> ImageSet:
+    sets = [bundle.train, bundle.val, bundle.test]
+    groups = [g for s in sets for g in s.groups] if all(s.groups is not None for s in sets) else None
+    return ImageSet(images=torch.cat([s.images for s in sets]), labels=torch.cat([s.labels for s in sets]),
+                    ids=[i for s in sets for i in s.ids], groups=groups)
+
+
+def near_duplicate_groups(source, threshold: int | str = DEFAULT_THRESHOLD) -> list[str]:
+    """One group id per image (``nd<index of the group's first image>``): near-duplicates and exact
+    duplicates share an id, every other image has its own. Source: ImageSet, DataBundle (train,
+    val, test concatenated), uint8 tensor [N, C, H, W], list of files, or ImageHashes."""
+    hashes, _ = _hashes_for(source)
+    return _group_ids(hashes, threshold, None)
+
+
+def leak_free_groups(source, threshold: int | str = DEFAULT_THRESHOLD,
+                     existing: Sequence[str] | None = None) -> list[str]:
+    """Split groups that keep near-duplicate clusters *and* existing groups (patients) whole.
+
+    Give the result to a grouped split, e.g. ``pool.groups = leak_free_groups(pool)`` before
+    ``medpeft.data.splits.split_pool(pool, cfg)``: no near-duplicate pair (and no patient) can then
+    be on two sides. ``existing`` defaults to the ImageSet's own ``groups``."""
+    hashes, own = _hashes_for(source)
+    existing = own if existing is None else existing
+    if existing is not None and len(existing) != len(hashes):
+        raise DataError(f"existing groups: {len(existing)} entries for {len(hashes)} images")
+    return _group_ids(hashes, threshold, existing)
+
+
+def _group_ids(hashes: ImageHashes, threshold: int | str, existing: Sequence[str] | None) -> list[str]:
+    uf = UnionFind(len(hashes))
+    for i, j, _ in near_pairs(hashes, threshold):
+        uf.union(i, j)
+    if existing is not None:
+        first: dict[str, int] = {}
+        for i, g in enumerate(existing):
+            uf.union(first.setdefault(g, i), i)
+    return [f"nd{root:06d}" for root in uf.roots()]
+
+
+# ----------------------------------------------------------------------------- split leakage
+def twins_in(hashes: ImageHashes, queries: Sequence[int], reference: Sequence[int],
+             threshold: int | str = DEFAULT_THRESHOLD) -> int:
+    """How many ``queries`` images have an exact or near duplicate among ``reference`` images."""
+    threshold = resolve_threshold(hashes, threshold)[0]
+    reference = np.asarray(reference, dtype=np.int64)
+    ref_valid = reference[hashes.valid[reference]] if len(reference) else reference
+    ref_sha = {hashes.sha256[r] for r in ref_valid}
+    count = 0
+    for q in queries:
+        if not hashes.valid[q]:
+            continue
+        if hashes.sha256[q] in ref_sha:
+            count += 1
+            continue
+        d = popcount64(hashes.phash[q] ^ hashes.phash[ref_valid]).astype(np.int16) \
+            + popcount64(hashes.dhash[q] ^ hashes.dhash[ref_valid])
+        count += bool((d <= threshold).any())
+    return count
+
+
+def compare_split_leakage(source, labels=None, seed: int = 0, val_ratio: float = 0.15, test_ratio: float = 0.15,
+                          threshold: int | str = DEFAULT_THRESHOLD) -> dict:
+    """A naive stratified random split vs a leak-free (near-duplicate grouped) split of one pool.
+
+    For each: how many test (and val) images have an exact or near duplicate in train. The
+    naive count is the leak that inflates test scores; the leak-free count is 0 by construction.
+    ``source``: ImageSet / DataBundle (pooled) / list of files (then ``labels`` is required).
+    """
+    from medpeft.data.splits import check_ratios, split_indices, stratum_keys
+
+    check_ratios(val_ratio, test_ratio)
+    hashes, existing = _hashes_for(source)
+    if labels is None:
+        if isinstance(source, DataBundle):
+            source = _pool_of(source)
+        if not isinstance(source, ImageSet):
+            raise ConfigError("compare_split_leakage: give labels for a list of files")
+        labels = source.labels
+    keys = stratum_keys(labels)
+    if len(keys) != len(hashes):
+        raise DataError(f"compare_split_leakage: {len(keys)} labels for {len(hashes)} images")
+    ratios = (1.0 - val_ratio - test_ratio, val_ratio, test_ratio)
+    threshold = resolve_threshold(hashes, threshold)[0]
+    groups = _group_ids(hashes, threshold, existing)
+    out = {"seed": seed, "threshold": threshold, "ratios": list(ratios), "n_images": len(hashes),
+           "n_groups": len(set(groups))}
+    for name, split_groups in (("naive", None), ("leak_free", groups)):
+        train, val, test = split_indices(keys, split_groups, ratios, seed)
+        out[name] = {"sizes": [len(train), len(val), len(test)],
+                     "test_with_twin_in_train": twins_in(hashes, test, train, threshold),
+                     "val_with_twin_in_train": twins_in(hashes, val, train, threshold)}
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+@dataclass
+class AuditReport:
+    source: str
+    kind: str  # folder | manifest | bundle | imageset
+    n_images: int
+    class_names: list[str]
+    threshold: int  # bits used; how it was chosen is in threshold_info
+    splits: list[str]
+    class_balance: dict[str, dict[str, int]]
+    sizes: dict[str, Any]
+    modes: dict[str, int]
+    unreadable: list[dict[str, str]] = field(default_factory=list)
+    exact_duplicates: list[dict] = field(default_factory=list)
+    near_duplicates: list[dict] = field(default_factory=list)  # all groups of >1 image (exact ones included)
+    cross_class: list[dict] = field(default_factory=list)
+    cross_split: list[dict] = field(default_factory=list)
+    split_leak: dict | None = None  # naive vs leak-free split, for sources without a split
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+    threshold_info: dict = field(default_factory=dict)
+
+    # --- counts
+    @property
+    def counts(self) -> dict[str, int]:
+        return {
+            "images": self.n_images,
+            "unreadable": len(self.unreadable),
+            "exact_duplicate_groups": len(self.exact_duplicates),
+            "exact_duplicate_images": sum(len(g["files"]) for g in self.exact_duplicates),
+            "near_duplicate_groups": len(self.near_duplicates),
+            "near_duplicate_images": sum(len(g["files"]) for g in self.near_duplicates),
+            "largest_group": max((len(g["files"]) for g in self.near_duplicates), default=0),
+            "cross_class_groups": len(self.cross_class),
+            "cross_split_groups": len(self.cross_split),
+        }
+
+    @property
+    def has_splits(self) -> bool:
+        return self.splits != ["all"]
+
+    def problems(self) -> list[str]:
+        """What ``--strict`` fails on: leakage across splits, an image in two classes, unreadable
+        files, and in a data set without a split any duplicate (a random split would leak it)."""
+        c = self.counts
+        found = []
+        if c["cross_split_groups"]:
+            found.append(f"{c['cross_split_groups']} duplicate/near-duplicate group(s) span two or more splits")
+        if c["cross_class_groups"]:
+            found.append(f"{c['cross_class_groups']} group(s) of identical or near-identical images carry "
+                         "different labels")
+        if c["unreadable"]:
+            found.append(f"{c['unreadable']} unreadable file(s)")
+        if not self.has_splits and c["near_duplicate_groups"]:
+            found.append(f"{c['near_duplicate_groups']} duplicate/near-duplicate group(s) "
+                         f"({c['exact_duplicate_groups']} exact) that an ungrouped random split would put "
+                         "on both sides")
+        return found
+
+    # --- output
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["counts"] = self.counts
+        out["problems"] = self.problems()
+        return out
+
+    def to_json(self, path: str | os.PathLike | None = None, indent: int = 1) -> str:
+        text = json.dumps(self.to_dict(), indent=indent)
+        if path is not None:
+            folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+            os.makedirs(folder, exist_ok=True)
+            with open(path, "w", encoding="utf-8") as handle:
+                handle.write(text + "\n")
+        return text
+
+    def summary_text(self, max_list: int = 10) -> str:
+        c = self.counts
+        lines = [f"Audit of {self.source} ({self.kind}, {c['images']} images, {len(self.class_names)} classes, "
+                 f"{'splits ' + '/'.join(self.splits) if self.has_splits else 'no split'})"]
+        lines.append(f"  unreadable files: {c['unreadable']}")
+        for item in self.unreadable[:max_list]:
+            lines.append(f"    {item['file']}: {item['error']}")
+        lines.append(f"  exact duplicates (same decoded pixels): {c['exact_duplicate_groups']} group(s), "
+                     f"{c['exact_duplicate_images']} images")
+        how = " (auto)" if self.threshold_info.get("requested") == "auto" else ""
+        lines.append(f"  near-duplicate groups (<= {self.threshold}{how} of {HASH_BITS} hash bits, exact included): "
+                     f"{c['near_duplicate_groups']} group(s), {c['near_duplicate_images']} images, "
+                     f"largest {c['largest_group']}")
+        lines.append(f"  images in two or more classes: {c['cross_class_groups']} group(s)")
+        if self.has_splits:
+            lines.append(f"  groups spanning splits (leakage): {c['cross_split_groups']}")
+            within = Counter(g["splits"][0] for g in self.near_duplicates if len(g["splits"]) == 1)
+            if within:
+                lines.append("  groups within one split: " + ", ".join(f"{s} {n}" for s, n in sorted(within.items())))
+        lines += ["    " + line for line in self.listing_lines(max_list)]
+        lines.append("  class balance: " + "; ".join(
+            f"{split}: " + ", ".join(f"{k} {v}" for k, v in counts.items())
+            for split, counts in self.class_balance.items()))
+        s = self.sizes
+        if s.get("width"):
+            lines.append(f"  image size: width {s['width']['min']}-{s['width']['max']} "
+                         f"(median {s['width']['median']}), "
+                         f"height {s['height']['min']}-{s['height']['max']} (median {s['height']['median']}), "
+                         f"{s['distinct']} distinct sizes")
+        lines.append("  modes: " + ", ".join(f"{k} {v}" for k, v in self.modes.items()))
+        if self.split_leak:
+            n, lf = self.split_leak["naive"], self.split_leak["leak_free"]
+            lines.append(f"  split leak (seed {self.split_leak['seed']}, ratios "
+                         f"{'/'.join(str(round(r, 2)) for r in self.split_leak['ratios'])}): a naive random split puts "
+                         f"{n['test_with_twin_in_train']} of {n['sizes'][2]} test images next to a duplicate in train; "
+                         f"a leak-free grouped split: {lf['test_with_twin_in_train']} of {lf['sizes'][2]}")
+        for note in self.notes:
+            lines.append(f"  note: {note}")
+        problems = self.problems()
+        lines.append("  verdict: " + ("; ".join(problems) if problems else "no leakage or duplicate found"))
+        lines.append(f"  ({self.seconds:.1f} s)")
+        return "\n".join(lines)
+
+    def listing_lines(self, max_list: int = 10) -> list[str]:
+        """The groups worth looking at, one line each: cross-class, cross-split, then the rest."""
+        lines = []
+        if self.cross_class:
+            lines.append("images in two or more classes:")
+            for g in self.cross_class[:max_list]:
+                lines.append(f"  {' = '.join(g['files'])}  ({', '.join(g['classes'])}"
+                             f"{', identical pixels' if g['exact'] else ''})")
+        if self.cross_split:
+            lines.append("groups spanning splits (leakage):")
+            for g in self.cross_split[:max_list]:
+                lines.append(f"  {' = '.join(g['files'])}  (splits {', '.join(g['splits'])})")
+        rest = [g for g in self.near_duplicates if len(g["classes"]) == 1 and len(g["splits"]) == 1]
+        if rest:
+            lines.append("other duplicate / near-duplicate groups:")
+            for g in rest[:max_list]:
+                how = "identical pixels" if g["exact"] else f"max pairwise distance {g['max_distance']}"
+                lines.append(f"  {' = '.join(g['files'])}  ({how})")
+        shown = sum(min(len(x), max_list) for x in (self.cross_class, self.cross_split, rest))
+        if shown < len(self.cross_class) + len(self.cross_split) + len(rest):
+            lines.append("  ... (every group is in the JSON report)")
+        return lines
+
+    def print_rich(self, console=None, max_list: int = 10) -> None:
+        """Tables on a rich console (falls back to the plain summary)."""
+        try:
+            from rich.console import Console
+            from rich.table import Table
+        except ImportError:  # rich is a dependency, but the plain text is always available
+            print(self.summary_text(max_list))
+            return
+        console = console or Console()
+        c = self.counts
+        table = Table(title=f"Audit of {self.source} ({self.kind})", show_header=True)
+        table.add_column("check")
+        table.add_column("found", justify="right")
+        table.add_column("details")
+        table.add_row("images", str(c["images"]), f"{len(self.class_names)} classes, "
+                      + ("splits " + "/".join(self.splits) if self.has_splits else "no split"))
+        table.add_row("unreadable files", str(c["unreadable"]), ", ".join(u["file"] for u in self.unreadable[:3]))
+        table.add_row("exact duplicate groups", str(c["exact_duplicate_groups"]),
+                      f"{c['exact_duplicate_images']} images")
+        table.add_row("near-duplicate groups", str(c["near_duplicate_groups"]),
+                      f"{c['near_duplicate_images']} images, largest {c['largest_group']} "
+                      f"(<= {self.threshold} of {HASH_BITS} bits"
+                      f"{', auto' if self.threshold_info.get('requested') == 'auto' else ''})")
+        table.add_row("groups in two classes", str(c["cross_class_groups"]), "")
+        if self.has_splits:
+            table.add_row("groups across splits", str(c["cross_split_groups"]), "leakage between splits")
+        if self.split_leak:
+            n, lf = self.split_leak["naive"], self.split_leak["leak_free"]
+            table.add_row("test images with a twin in train", f"{n['test_with_twin_in_train']} -> "
+                          f"{lf['test_with_twin_in_train']}",
+                          f"naive random split -> leak-free grouped split (of {n['sizes'][2]})")
+        console.print(table)
+        balance = Table(title="class balance", show_header=True)
+        balance.add_column("split")
+        for name in self.class_names:
+            balance.add_column(name, justify="right")
+        for split, counts in self.class_balance.items():
+            balance.add_row(split, *[str(counts.get(n, 0)) for n in self.class_names])
+        console.print(balance)
+        for line in self.listing_lines(max_list):
+            console.print(line, highlight=False, markup=False, soft_wrap=True)
+        for line in self.summary_text(max_list).splitlines():
+            if line.strip().startswith(("image size", "modes", "note", "verdict")):
+                console.print(line.strip(), highlight=False, markup=False, soft_wrap=True)
+
+
+def _label_names(labels: torch.Tensor, class_names: list[str]) -> list[str]:
+    if labels.ndim == 2:  # multi-label: the positive names
+        return ["+".join(n for n, v in zip(class_names, row) if v > 0.5) or "(none)" for row in labels.tolist()]
+    return [class_names[int(v)] if 0 <= int(v) < len(class_names) else str(int(v)) for v in labels.tolist()]
+
+
+def _size_stats(widths: list[int], heights: list[int]) -> dict:
+    if not widths:
+        return {}
+
+    def stat(values):
+        return {"min": int(min(values)), "median": float(statistics.median(values)), "max": int(max(values))}
+
+    common = Counter(zip(widths, heights)).most_common(5)
+    return {"width": stat(widths), "height": stat(heights), "distinct": len(set(zip(widths, heights))),
+            "most_common": [{"width": w, "height": h, "count": n} for (w, h), n in common]}
+
+
+def build_report(source: str, kind: str, ids: list[str], labels: list[str], splits: list[str],
+                 hashes: ImageHashes, class_names: list[str], threshold: int | str,
+                 sizes: dict | None = None, modes: dict | None = None,
+                 errors: list[str | None] | None = None) -> AuditReport:
+    """Group findings from per-image ids, labels, splits and hashes."""
+    threshold, threshold_info = resolve_threshold(hashes, threshold)
+    n = len(ids)
+    pairs = near_pairs(hashes, threshold)
+    uf = UnionFind(n)
+    for i, j, _ in pairs:
+        uf.union(i, j)
+    members: dict[int, list[int]] = defaultdict(list)
+    for i, root in enumerate(uf.roots()):
+        members[root].append(i)
+    split_order = list(dict.fromkeys(splits))
+
+    def describe(rows: list[int]) -> dict:
+        shas = {hashes.sha256[r] for r in rows}
+        sub = rows[:200]  # groups are small; cap the pairwise check for pathological chains
+        dist = max((hashes.distance(a, b) for k, a in enumerate(sub) for b in sub[k + 1:]), default=0)
+        return {"files": [ids[r] for r in rows],
+                "classes": sorted(set(labels[r] for r in rows)),
+                "splits": [s for s in split_order if s in {splits[r] for r in rows}],
+                "exact": len(shas) == 1, "max_distance": int(dist)}
+
+    near = [describe(rows) for root, rows in sorted(members.items()) if len(rows) > 1]
+    by_sha: dict[str, list[int]] = defaultdict(list)
+    for i, sha in enumerate(hashes.sha256):
+        if sha is not None:
+            by_sha[sha].append(i)
+    exact = [describe(rows) for rows in sorted(by_sha.values()) if len(rows) > 1]
+    balance: dict[str, dict[str, int]] = {}
+    for split in split_order:
+        counts = Counter(labels[i] for i in range(n) if splits[i] == split)
+        balance[split] = {name: counts.get(name, 0) for name in class_names}
+        for other in sorted(set(counts) - set(class_names)):
+            balance[split][other] = counts[other]
+    unreadable = [{"file": ids[i], "error": e} for i, e in enumerate(errors or []) if e]
+    notes = []
+    bound = threshold_info.get("data_bound")
+    if threshold_info["requested"] != "auto" and bound is not None and threshold > bound:
+        notes.append(f"threshold {threshold} reaches into the distances of unrelated image pairs of this data set "
+                     f"(median {threshold_info['random_pair_median']:g}, sd {threshold_info['random_pair_sd']:g}): "
+                     f"expect false near-duplicates; 'auto' would use {min(THRESHOLD_CAP, bound)}")
+    largest = max((len(rows) for rows in members.values()), default=0)
+    if largest > max(20, 0.02 * n):
+        notes.append(f"the largest near-duplicate group has {largest} images: groups may be chaining "
+                     "unrelated images; consider a lower threshold")
+    return AuditReport(
+        threshold_info=threshold_info, notes=notes, source=source, kind=kind, n_images=n, class_names=list(class_names), threshold=threshold,
+        splits=split_order, class_balance=balance, sizes=sizes or {}, modes=modes or {},
+        unreadable=unreadable, exact_duplicates=exact, near_duplicates=near,
+        cross_class=[g for g in near if len(g["classes"]) > 1],
+        cross_split=[g for g in near if len(g["splits"]) > 1])
+
+
+# ----------------------------------------------------------------------------- sources
+def _read_manifest_rows(path: str, root: str | None) -> tuple[list[str], list[str], list[str], list[str]]:
+    """(absolute files, ids, labels, splits) of a CSV manifest; paths must stay inside the root."""
+    import csv
+
+    from medpeft.data.splits import SPLITS
+
+    base = os.path.realpath(os.path.expanduser(root) if root else os.path.dirname(os.path.abspath(path)))
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            fields = [c.strip() for c in (reader.fieldnames or [])]
+            reader.fieldnames = fields
+            rows = [(reader.line_num, {k: (v or "").strip() for k, v in row.items() if k})
+                    for row in reader if any((v or "").strip() for k, v in row.items() if k)]
+    except FileNotFoundError:
+        raise DataError(f"manifest not found: {path}") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"cannot read manifest {path}: {exc}; expected a UTF-8 CSV file") from None
+    if "path" not in fields:
+        raise DataError(f"manifest {path} has no column 'path'; columns found: {', '.join(fields) or 'none'}")
+    files, ids, labels, splits = [], [], [], []
+    for line, row in rows:
+        rel = row["path"]
+        real = os.path.realpath(rel if os.path.isabs(rel) else os.path.join(base, rel))
+        if not rel or os.path.commonpath([real, base]) != base:
+            raise DataError(f"{path} line {line}: path {rel!r} resolves outside the data root {base}; "
+                            "manifest paths must be relative and stay inside the root")
+        split = row.get("split", "").lower() or "all"
+        if split not in (*SPLITS, "all"):
+            raise DataError(f"{path} line {line}: split {row['split']!r} is not one of train, val, test")
+        files.append(real)
+        ids.append(os.path.relpath(real, base).replace(os.sep, "/"))
+        labels.append(row.get("label", "") or "(none)")
+        splits.append(split)
+    if not files:
+        raise DataError(f"manifest {path} has no rows; expected a header and one row per image")
+    return files, ids, labels, splits
+
+
+def _file_report(source: str, kind: str, files: list[str], ids: list[str], labels: list[str], splits: list[str],
+                 class_names: list[str], threshold: int | str, leak_seed: int | None) -> AuditReport:
+    infos = inspect_files(files)
+    hashes = _hashes_of(infos)
+    ok = [i for i in infos if i.error is None]
+    modes = dict(Counter(i.mode or "?" for i in ok).most_common())
+    sizes = _size_stats([i.width for i in ok], [i.height for i in ok])
+    report = build_report(source, kind, ids, labels, splits, hashes, class_names, threshold,
+                          sizes=sizes, modes=modes, errors=[i.error for i in infos])
+    if leak_seed is not None and not report.has_splits and len(ok) >= 3:
+        readable = [k for k, i in enumerate(infos) if i.error is None]
+        sub = ImageHashes([hashes.sha256[k] for k in readable], hashes.phash[readable], hashes.dhash[readable])
+        index = {name: c for c, name in enumerate(class_names)}
+        try:
+            report.split_leak = compare_split_leakage(sub, labels=np.array([index[labels[k]] for k in readable]),
+                                                      seed=leak_seed, threshold=report.threshold)
+        except DataError as exc:  # too few images or groups for a three-way split
+            report.notes.append(f"no split comparison: {exc}")
+    return report
+
+
+def audit_dataset(source, threshold: int | str = DEFAULT_THRESHOLD, data_root: str | None = None,
+                  mask_pattern: str | None = "*_mask*", leak_seed: int | None = 0) -> AuditReport:
+    """Audit a DataBundle / ImageSet (in-memory images), an image folder (root/<class>/...) or a
+    CSV manifest (path,label[,split]). Files are read directly, so unreadable ones are reported
+    instead of stopping the audit. For sources without a split, ``leak_seed`` (None: skip) also
+    compares a naive random split with a leak-free one."""
+    started = time.perf_counter()
+    threshold = check_threshold(threshold)
+    if isinstance(source, DataBundle):
+        sets = [("train", source.train), ("val", source.val), ("test", source.test)]
+        report = _memory_report(source.name, "bundle", sets, source.class_names, threshold)
+        report.notes.append(f"hashed the in-memory images ({source.train.images.shape[-1]} px, already resized)")
+    elif isinstance(source, ImageSet):
+        names = [str(i) for i in range(int(source.labels.max()) + 1)] if source.labels.ndim == 1 and len(source) \
+            else [str(i) for i in range(source.labels.shape[-1])]
+        report = _memory_report("imageset", "imageset", [("all", source)], names, threshold)
+    elif isinstance(source, (str, os.PathLike)):
+        path = os.path.expanduser(os.fspath(source))
+        if not os.path.exists(path) and data_root:
+            path = os.path.join(os.path.expanduser(data_root), path)
+        name = os.path.basename(os.path.normpath(path))
+        if os.path.isdir(path):
+            from medpeft.data.folder import scan_image_folder
+
+            rel, label_idx, class_names = scan_image_folder(path, mask_pattern)
+            files = [os.path.join(path, r) for r in rel]
+            labels = [class_names[i] for i in label_idx]
+            report = _file_report(name, "folder", files, rel, labels, ["all"] * len(rel), class_names,
+                                  threshold, leak_seed)
+        elif os.path.isfile(path) and path.lower().endswith(".csv"):
+            files, ids, labels, splits = _read_manifest_rows(path, data_root)
+            class_names = sorted(set(labels))
+            report = _file_report(name, "manifest", files, ids, labels, splits, class_names, threshold, leak_seed)
+        else:
+            raise DataError(f"cannot audit {os.fspath(source)}: not a folder of class sub-folders nor a CSV "
+                            "manifest (give a MedMNIST name through the CLI, or a loaded DataBundle)")
+    else:
+        raise ConfigError(f"cannot audit a {type(source).__name__}; expected a DataBundle, an ImageSet, "
+                          "a folder or a CSV manifest path")
+    report.seconds = round(time.perf_counter() - started, 3)
+    return report
+
+
+def _memory_report(name: str, kind: str, sets: list[tuple[str, ImageSet]], class_names: list[str],
+                   threshold: int | str) -> AuditReport:
+    images = torch.cat([s.images for _, s in sets])
+    ids = [i for _, s in sets for i in s.ids]
+    labels = [n for _, s in sets for n in _label_names(s.labels, class_names)]
+    splits = [split for split, s in sets for _ in range(len(s))]
+    hashes = hash_images(images)
+    h, w = images.shape[-2:]
+    sizes = _size_stats([int(w)] * len(ids), [int(h)] * len(ids))
+    modes = {("RGB" if s.images.shape[1] == 3 else "L"): 0 for _, s in sets}
+    for _, s in sets:
+        modes["RGB" if s.images.shape[1] == 3 else "L"] += len(s)
+    return build_report(name, kind, ids, labels, splits, hashes, class_names, threshold, sizes=sizes, modes=modes)
+
+
+# ----------------------------------------------------------------------------- CLI
+def add_audit_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "audit", help="check a data set for duplicates, near-duplicates, images in two classes and split leakage",
+        description="Audit a data set: exact and near-duplicate images (perceptual hash), images in two classes, "
+                    "duplicates across splits, unreadable files, class balance, image sizes and modes.")
+    p.add_argument("data", help="a folder with one sub-folder per class, a CSV manifest, or a MedMNIST name")
+    p.add_argument("--data-root", default=None, help="where MedMNIST files live / root of manifest paths")
+    p.add_argument("--medmnist-size", type=int, choices=(28, 64, 128, 224), default=None,
+                   help="MedMNIST file variant (default 28); the images are audited at that size")
+    p.add_argument("--mask-pattern", default="*_mask*", help="files skipped in image folders (default *_mask*)")
+    p.add_argument("--threshold", default=DEFAULT_THRESHOLD,
+                   help=f"near-duplicate threshold: Hamming distance of the {HASH_BITS}-bit pHash+dHash, or 'auto' "
+                        f"(default: min({THRESHOLD_CAP}, median - {AUTO_Z:g} sd of random pairs of this data set); "
+                        "0 = only hash-identical images")
+    p.add_argument("--seed", type=int, default=0, help="seed of the naive-vs-leak-free split comparison")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the full report as JSON")
+    p.add_argument("--max-list", type=int, default=10, help="groups listed per finding in the summary")
+    p.add_argument("--strict", action="store_true",
+                   help="exit with status 1 when leakage across splits, images in two classes, duplicates in an "
+                        "unsplit data set or unreadable files are found")
+    p.set_defaults(func=cmd_audit)
+
+
+def cmd_audit(args) -> int:
+    """Run the audit for parsed CLI args; returns the exit status (1: --strict and problems)."""
+    from medpeft.data.base import DataConfig
+    from medpeft.data.registry import resolve_source
+
+    kind, where = resolve_source(DataConfig(name=args.data, root=args.data_root))
+    if kind == "medmnist":
+        from medpeft.data.registry import load_data
+
+        size = args.medmnist_size or 28
+        started = time.perf_counter()
+        bundle = load_data(DataConfig(name=where, root=args.data_root, image_size=size,
+                                      medmnist_size=args.medmnist_size))
+        report = audit_dataset(bundle, threshold=args.threshold)
+        report.seconds = round(time.perf_counter() - started, 3)
+    else:
+        root = args.data_root if kind == "manifest" else None
+        report = audit_dataset(where, threshold=args.threshold, data_root=root,
+                               mask_pattern=args.mask_pattern, leak_seed=args.seed)
+    try:
+        report.print_rich(max_list=args.max_list)
+    except Exception:  # a console that rich cannot drive: plain text
+        print(report.summary_text(args.max_list))
+    if args.json:
+        report.to_json(args.json)
+        print(f"JSON report: {args.json}")
+    problems = report.problems()
+    if args.strict and problems:
+        print("audit --strict failed: " + "; ".join(problems))
+        return 1
+    return 0
