@@ -87,8 +87,8 @@ class FusedQKVLoRA(nn.Module):
         return self.base
 
 
-def resolve_targets(model: nn.Module, targets: str) -> tuple[str, list[str]]:
-    """Which module names LoRA goes on, and whether the fused-qkv layer is needed."""
+def resolve_targets(model: nn.Module, targets: str, method: str = "LoRA") -> tuple[str, list[str]]:
+    """Which module names LoRA (or another low-rank method) goes on; "qv" needs the fused-qkv layer."""
     from ..backbones import backbone_family
 
     family = backbone_family(model)
@@ -96,7 +96,9 @@ def resolve_targets(model: nn.Module, targets: str) -> tuple[str, list[str]]:
         targets = "qv" if family == "vit" else "pw"
     allowed = VIT_TARGETS if family == "vit" else CNN_TARGETS
     if targets not in allowed:
-        raise ConfigError(f"LoRA targets {targets!r} do not apply to a {family.upper()}; expected one of {', '.join(allowed)}")
+        raise ConfigError(
+            f"{method} targets {targets!r} do not apply to a {family.upper()}; expected one of {', '.join(allowed)}"
+        )
     head = model.get_classifier()
     names = []
     for name, module in model.named_modules():
@@ -116,7 +118,7 @@ def resolve_targets(model: nn.Module, targets: str) -> tuple[str, list[str]]:
             if targets == "conv" or module.kernel_size == (1, 1):
                 names.append(name)
     if not names:
-        raise ConfigError(f"LoRA targets {targets!r} match no layer of this backbone")
+        raise ConfigError(f"{method} targets {targets!r} match no layer of this backbone")
     return targets, names
 
 
@@ -125,16 +127,23 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new)
 
 
-def inject_peft(model: nn.Module, peft_config) -> None:
-    """Inject a peft tuner into a plain (timm) model and train only its adapter weights."""
+def inject_peft(model: nn.Module, peft_config, tuner_cls=None) -> None:
+    """Inject a peft tuner into a plain (timm) model and train its new (adapter) parameters.
+
+    peft freezes every parameter that is not its own while injecting; whatever an earlier
+    method of a hybrid marked trainable (``ssf+lora``, ``bitfit+lora``) is restored.
+    ``tuner_cls`` injects with a tuner class directly (VeRA: shared projections are not
+    accepted by ``inject_adapter_in_model``).
+    """
     from peft import inject_adapter_in_model
 
-    inject_adapter_in_model(peft_config, model)
-    for name, param in model.named_parameters():
-        if any(tag in name for tag in ("lora_", "ia3_", "lora_magnitude_vector")):
-            param.requires_grad_(True)
-        elif not any(p is param for p in model.get_classifier().parameters()):
-            param.requires_grad_(False)
+    before = {id(p): p.requires_grad for p in model.parameters()}
+    if tuner_cls is None:
+        inject_adapter_in_model(peft_config, model)
+    else:
+        tuner_cls(model, peft_config, adapter_name="default")
+    for param in model.parameters():
+        param.requires_grad_(before.get(id(param), True))
 
 
 def apply_lora_layers(model: nn.Module, cfg: LoraConfig, use_dora: bool = False) -> None:
