@@ -186,7 +186,7 @@ def test_image_folder_tiny_tree_excludes_masks(tmp_path):
             _png(tmp_path / cls / f"{cls}{i}.png", 40 * i)
     _png(tmp_path / "a" / "a0_mask.png", 255)
     (tmp_path / "b" / "notes.txt").write_text("not an image")
-    bundle = load_data(DataConfig(name=str(tmp_path), image_size=16, split_seed=0))
+    bundle = load_data(DataConfig(name=str(tmp_path), image_size=16, split_seed=0, near_duplicates="ignore"))
     ids = bundle.train.ids + bundle.val.ids + bundle.test.ids
     assert sorted(ids) == sorted([f"{c}/{c}{i}.png" for c in "ab" for i in range(6)])
     assert bundle.class_names == ["a", "b"] and bundle.task == "binary"
@@ -201,7 +201,7 @@ def test_image_folder_mixed_gray_and_rgb_becomes_rgb(tmp_path):
     for i in range(3):
         _png(tmp_path / "x" / f"{i}.png", 10)
         _png(tmp_path / "y" / f"{i}.png", 200, mode="RGB")
-    bundle = load_data(DataConfig(name=str(tmp_path), image_size=8))
+    bundle = load_data(DataConfig(name=str(tmp_path), image_size=8, near_duplicates="ignore"))
     assert bundle.in_channels == 3
 
 
@@ -255,8 +255,11 @@ def _manifest(tmp_path: Path, rows, header=("path", "label"), name="m.csv") -> P
 
 
 def _images(tmp_path: Path, n: int) -> list[str]:
+    """Distinct random textures: uniform images would (rightly) all be near-duplicates of each other."""
+    rng = np.random.default_rng(0)
+    (tmp_path / "img").mkdir(parents=True, exist_ok=True)
     for i in range(n):
-        _png(tmp_path / "img" / f"{i}.png", i)
+        Image.fromarray(rng.integers(0, 256, (24, 24), dtype=np.uint8)).save(tmp_path / "img" / f"{i}.png")
     return [f"img/{i}.png" for i in range(n)]
 
 
@@ -363,3 +366,30 @@ def test_split_file_round_trip(tmp_path):
     split_file.write_text(json.dumps(saved))
     with pytest.raises(DataError, match="unknown.png"):
         load_data(DataConfig(name=str(manifest), image_size=8, split_file=str(split_file)))
+
+
+def test_folder_split_keeps_near_duplicates_on_one_side(tmp_path):
+    """Re-cropped / rescaled copies (as in BUSI) must not straddle train/val/test."""
+    rng = np.random.default_rng(1)
+    originals = {}
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        for i in range(12):
+            # smooth random blobs: perceptual hashes see structure, not pixel noise
+            base = rng.random((8, 8))
+            img = Image.fromarray((base * 255).astype(np.uint8)).resize((64, 64), Image.BICUBIC)
+            img.save(tmp_path / cls / f"{i}.png")
+            originals[f"{cls}/{i}.png"] = img
+    for name in ["a/0.png", "a/1.png", "b/2.png", "b/3.png"]:  # slightly cropped and rescaled twins
+        twin = originals[name].crop((2, 2, 62, 61)).resize((70, 66), Image.BILINEAR)
+        twin.save(tmp_path / name.replace(".png", "_copy.png"))
+    grouped = load_data(DataConfig(name=str(tmp_path), image_size=32, split_seed=3))
+    side = {i: s for s, part in (("train", grouped.train), ("val", grouped.val), ("test", grouped.test))
+            for i in part.ids}
+    for name in ["a/0.png", "a/1.png", "b/2.png", "b/3.png"]:
+        assert side[name] == side[name.replace(".png", "_copy.png")], name
+    assert grouped.split_info["kind"] == "grouped" and grouped.split_info["near_duplicates"] == "group"
+    naive = load_data(DataConfig(name=str(tmp_path), image_size=32, split_seed=3, near_duplicates="ignore"))
+    assert naive.split_info["kind"] == "stratified"
+    with pytest.raises(ConfigError, match="near_duplicates"):
+        load_data(DataConfig(name=str(tmp_path), image_size=32, near_duplicates="maybe"))

@@ -199,7 +199,7 @@ def test_no_identifiers_in_outputs_logs_or_loaded_data(tmp_path, caplog, capsys)
         (root / cls).mkdir(parents=True)
         for i in range(4):
             write_dicom(root / cls / f"img{i}.dcm", rng.integers(0, 4096, (8, 8)), WindowCenter="2048",
-                        WindowWidth="4096", patient_id=f"{PATIENT_ID}-{i % 2}")
+                        WindowWidth="4096", patient_id=f"{PATIENT_ID}-{i}")
     caplog.set_level(logging.DEBUG)
     outputs = []
     for path in sorted(root.rglob("*.dcm")):

@@ -82,3 +82,9 @@ class DataConfig:
     group_column: str | None = None  # manifest column with patient ids for grouped splits
     label_columns: list[str] | None = None  # manifest multi-label columns
     split_file: str | None = None  # JSON file recording a split to reuse
+    # near-duplicate images (perceptual hash) are kept on one side of automatic splits ("group"),
+    # or split like any other image ("ignore": the naive split, leaks on data such as BUSI)
+    near_duplicates: str = "group"
+    near_duplicate_threshold: int | str = "auto"  # Hamming bits, or auto (chosen per data set)
+    dicom_window: str | None = None  # "C,W" overrides the DICOM files' own Window Center/Width
+    audit: str = "warn"  # audit before training: warn | strict (error on leakage) | off

@@ -46,11 +46,22 @@ def scan_image_folder(root: str, mask_pattern: str | None = "*_mask*") -> tuple[
     return paths, labels, class_names
 
 
+def _dicom_groups(files: list[str]) -> list[str] | None:
+    """Hashed patient (else study) ids of DICOM files as split groups: no patient on two sides."""
+    if not any(f.lower().endswith(".dcm") for f in files):
+        return None
+    from medpeft.data.dicom import dicom_split_groups
+
+    return dicom_split_groups(files)
+
+
 def load_image_folder(root: str, cfg: DataConfig) -> tuple[str, str, list[str], ImageSet]:
     """Read every image of the folder into one pool (splitting happens in the registry)."""
     rel_paths, labels, class_names = scan_image_folder(root, cfg.mask_pattern)
-    images = load_images([os.path.join(root, p) for p in rel_paths], cfg.image_size)
-    pool = ImageSet(images=images, labels=torch.tensor(labels, dtype=torch.int64), ids=rel_paths)
+    files = [os.path.join(root, p) for p in rel_paths]
+    images = load_images(files, cfg.image_size, cfg.dicom_window)
+    pool = ImageSet(images=images, labels=torch.tensor(labels, dtype=torch.int64), ids=rel_paths,
+                    groups=_dicom_groups(files))
     task = "binary" if len(class_names) == 2 else "multiclass"
     name = os.path.basename(os.path.normpath(root))
     return name, task, class_names, pool

@@ -19,7 +19,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from medpeft.errors import DataError
+from medpeft.errors import ConfigError, DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
 
@@ -82,11 +82,11 @@ def _pil_to_array(image: Image.Image, path: str) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
+def read_image(path: str | os.PathLike, dicom_window: str | None = None) -> np.ndarray:
     """Decode one image file to uint8 (H, W) or (H, W, 3). Unreadable file -> DataError naming it."""
     path = os.fspath(path)
     if path.lower().endswith(".dcm"):
-        return _read_dicom(path)
+        return _read_dicom(path, dicom_window)
     try:
         with Image.open(path) as image:
             image.load()  # decode now so truncated files fail here, inside the try
@@ -102,13 +102,26 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def _read_dicom(path: str) -> np.ndarray:
+def parse_window(text: str | None) -> tuple[float, float] | None:
+    """"C,W" -> (center, width); None stays None."""
+    if text is None:
+        return None
+    try:
+        center, width = (float(v) for v in str(text).split(","))
+    except ValueError:
+        raise ConfigError(f"DICOM window {text!r} is not 'CENTER,WIDTH' (e.g. 40,400)") from None
+    if width <= 0:
+        raise ConfigError(f"DICOM window width must be > 0, got {width}")
+    return center, width
+
+
+def _read_dicom(path: str, window: str | None = None) -> np.ndarray:
     try:
         from medpeft.data.dicom import read_dicom  # lazy: pydicom is optional at import time
     except ImportError as exc:
         raise DataError(f"cannot read {path}: DICOM support is missing ({exc}); "
                         "install pydicom (pip install pydicom)") from None
-    array = np.asarray(read_dicom(path))
+    array = np.asarray(read_dicom(path, window=parse_window(window)))
     array = to_uint8(array, path)
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
@@ -135,12 +148,12 @@ def array_to_chw(array: np.ndarray) -> torch.Tensor:
     return tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1).contiguous()
 
 
-def load_images(paths: Iterable[str], size: int) -> torch.Tensor:
+def load_images(paths: Iterable[str], size: int, dicom_window: str | None = None) -> torch.Tensor:
     """Decode and resize every file right away (only the small copies are kept): uint8 [N, C, S, S]."""
     paths = list(paths)
 
     def one(path: str) -> torch.Tensor:
-        return resize_images(array_to_chw(read_image(path)), size)
+        return resize_images(array_to_chw(read_image(path, dicom_window)), size)
 
     if len(paths) < 32:
         return stack_mixed_channels([one(p) for p in paths])

@@ -153,7 +153,11 @@ def load_manifest(path: str, cfg: DataConfig) -> Manifest:
             groups.append(_hash_group(row[group_column]))
 
     task, class_names, labels = _labels(rows, cfg, path)
-    images = load_images(files, cfg.image_size)
+    images = load_images(files, cfg.image_size, cfg.dicom_window)
+    if groups is None:
+        from medpeft.data.folder import _dicom_groups
+
+        groups = _dicom_groups(files)
     pool = ImageSet(images=images, labels=labels, ids=ids, groups=groups)
     name = os.path.splitext(os.path.basename(path))[0]
     return Manifest(name=name, task=task, class_names=class_names, pool=pool, split=split, root=root_real)

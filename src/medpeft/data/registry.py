@@ -54,6 +54,10 @@ def _check_config(cfg: DataConfig) -> None:
     if isinstance(size, bool) or not isinstance(size, Integral) or size < 1:
         raise ConfigError(f"image_size must be a whole number >= 1 (pixels, square), got {size!r}")
     # checked before any image is read, so a typo fails in milliseconds, not after loading
+    if cfg.near_duplicates not in ("group", "ignore"):
+        raise ConfigError(f"near_duplicates {cfg.near_duplicates!r} is not one of group, ignore")
+    if cfg.audit not in ("warn", "strict", "off"):
+        raise ConfigError(f"audit {cfg.audit!r} is not one of warn, strict, off")
     check_ratios(cfg.val_ratio, cfg.test_ratio)
     check_subset_options(cfg.fraction, cfg.shots)
 
@@ -79,13 +83,28 @@ def load_data(cfg: DataConfig) -> DataBundle:
     return bundle
 
 
+def _with_near_duplicate_groups(pool, cfg: DataConfig):
+    """Near-duplicate clusters (and existing patient groups) become split groups, so no
+    near-duplicate pair can sit on two sides of an automatic split."""
+    if cfg.near_duplicates == "ignore":
+        return pool
+    from medpeft.audit import leak_free_groups
+
+    groups = leak_free_groups(pool, threshold=cfg.near_duplicate_threshold)
+    if pool.groups is None and len(set(groups)) == len(groups):
+        return pool  # no near-duplicates: the plain stratified split applies
+    pool.groups = groups
+    return pool
+
+
 def _split_bundle(name, task, class_names, pool, given_split, cfg: DataConfig) -> DataBundle:
     if cfg.split_file:
         train, val, test, info = assign_from_split_file(pool, cfg.split_file)
     elif given_split is not None:
         train, val, test, info = _given_split(pool, given_split, cfg)
     else:
-        train, val, test, info = split_pool(pool, cfg)
+        train, val, test, info = split_pool(_with_near_duplicate_groups(pool, cfg), cfg)
+        info["near_duplicates"] = cfg.near_duplicates
     return DataBundle(name=name, task=task, class_names=class_names, train=train, val=val, test=test,
                       split_info=info)
 
