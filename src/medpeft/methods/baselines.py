@@ -6,22 +6,22 @@ from torch import nn
 from .base import register_method
 
 
+def _nothing_to_merge(model: nn.Module) -> None:
+    """Methods that only train existing weights are already 'merged'."""
+
+
 @register_method(
     "full", ("cnn", "vit"), description="full fine-tuning: every weight is trained", default_lr=1e-4,
-    reference="-",
+    merge=_nothing_to_merge, identity_at_init=True, reference="-",
 )
 def apply_full(model: nn.Module, cfg) -> None:
     for param in model.parameters():
         param.requires_grad_(True)
 
 
-def _nothing_to_merge(model: nn.Module) -> None:
-    """Methods that only train existing weights are already 'merged'."""
-
-
 @register_method(
     "linear", ("cnn", "vit"), description="linear probing: only the classification head is trained",
-    default_lr=1e-2, merge=_nothing_to_merge, reference="-",
+    default_lr=1e-2, merge=_nothing_to_merge, identity_at_init=True, reference="-",
 )
 def apply_linear(model: nn.Module, cfg) -> None:
     """Nothing besides the head (which apply_methods always trains)."""
