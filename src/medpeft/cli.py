@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run")
     export.add_argument("out", help="output .safetensors file")
     export.add_argument("--weights", default=None)
+    from .bench.cli import add_benchmark_parsers  # benchmark + report
+
+    COMMANDS.update(add_benchmark_parsers(sub))
     return parser
 
 

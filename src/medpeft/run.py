@@ -99,8 +99,12 @@ def peak_memory_mb(device: torch.device) -> dict:
 
 
 def execute(cfg: RunConfig, out_dir: str | Path | None = None, bundle: DataBundle | None = None,
-            progress=None, save: bool = True) -> dict:
-    """Run one configuration; returns the metrics dict (also written to ``out_dir``)."""
+            progress=None, save: bool = True, evaluate_test: bool = True) -> dict:
+    """Run one configuration; returns the metrics dict (also written to ``out_dir``).
+
+    ``evaluate_test=False`` (HPO trials, model selection) never reads the test split:
+    ``metrics["test"]`` and ``metrics["n_test"]`` are None.
+    """
     started = time.perf_counter()
     if cfg.train.threads:
         torch.set_num_threads(int(cfg.train.threads))
@@ -114,8 +118,9 @@ def execute(cfg: RunConfig, out_dir: str | Path | None = None, bundle: DataBundl
     device = resolve_device(cfg.train.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    result = train_model(model, bundle, info.mean, info.std, cfg.train, lr, progress=progress)
-    labels = {"val": bundle.val.labels.numpy(), "test": bundle.test.labels.numpy()}
+    result = train_model(model, bundle, info.mean, info.std, cfg.train, lr, progress=progress,
+                         evaluate_test=evaluate_test)
+    val_labels = bundle.val.labels.numpy()
     metrics = {
         "medpeft_version": __version__,
         "data": bundle.name,
@@ -128,23 +133,27 @@ def execute(cfg: RunConfig, out_dir: str | Path | None = None, bundle: DataBundl
         "seed": cfg.train.seed,
         "lr": lr,
         "split": bundle.split_info,
-        "n_train": len(bundle.train), "n_val": len(bundle.val), "n_test": len(bundle.test),
+        "n_train": len(bundle.train), "n_val": len(bundle.val),
+        "n_test": len(bundle.test) if evaluate_test else None,
         "params": counts,
         "best_epoch": result.best_epoch,
+        "best_val": result.best_val,  # the monitored validation score of the kept state
         "epochs_run": len(result.history),
         "monitor": cfg.train.monitor,
         "augment": result.augment,
         "feature_cache": result.feature_cache,
         "train_seconds": result.train_seconds,
-        "val": metrics_with_ci(labels["val"], result.val_probs, bundle.task, n_boot=cfg.n_boot, seed=cfg.train.seed),
-        "test": metrics_with_ci(labels["test"], result.test_probs, bundle.task, n_boot=cfg.n_boot, seed=cfg.train.seed),
+        "val": metrics_with_ci(val_labels, result.val_probs, bundle.task, n_boot=cfg.n_boot, seed=cfg.train.seed),
+        "test": metrics_with_ci(bundle.test.labels.numpy(), result.test_probs, bundle.task, n_boot=cfg.n_boot,
+                                seed=cfg.train.seed) if evaluate_test else None,
         **peak_memory_mb(device),
     }
     metrics["total_seconds"] = time.perf_counter() - started
     if save:
         out = Path(out_dir) if out_dir else default_out_dir(cfg)
         metrics["adapter_bytes"] = write_run(out, cfg, metrics, result.history, model, bundle, info)
-        write_predictions(out / "test_predictions.csv", bundle, result.test_probs)
+        if evaluate_test:
+            write_predictions(out / "test_predictions.csv", bundle, result.test_probs)
         metrics["out_dir"] = str(out)
     return metrics
 

@@ -180,22 +180,24 @@ def _score(metrics: dict, monitor: str) -> float:
     return metrics["acc"] if value != value else value
 
 
-def make_loaders(bundle: DataBundle, mean, std, cfg: TrainConfig, device, augment):
+def make_loaders(bundle: DataBundle, mean, std, cfg: TrainConfig, device, augment, with_test: bool = True):
     kw = dict(mean=mean, std=std, device=device, channels_last=device.type == "cuda")
     train = BatchLoader(bundle.train, cfg.batch_size, shuffle=True, augment=augment, seed=cfg.seed,
                         drop_last=True, **kw)
     val = BatchLoader(bundle.val, cfg.eval_batch_size, **kw)
-    test = BatchLoader(bundle.test, cfg.eval_batch_size, **kw)
+    # without the test split (HPO trials) it is not even touched: the loader would copy its images
+    test = BatchLoader(bundle.test, cfg.eval_batch_size, **kw) if with_test else None
     return train, val, test
 
 
 def train_model(model: nn.Module, bundle: DataBundle, mean, std, cfg: TrainConfig, lr: float,
-                progress=None) -> TrainResult:
+                progress=None, evaluate_test: bool = True) -> TrainResult:
     """Train in place and restore the best validation state.
 
     The test split is predicted exactly once, after training, by the best validation state
     (``result.test_probs``); nothing during training or selection reads it.
     ``progress(epoch, row)`` is called after every epoch (for progress bars / logs).
+    ``evaluate_test=False`` (HPO trials) never reads the test split; ``test_probs`` stays None.
     """
     device = resolve_device(cfg.device)
     amp_dtype = torch.bfloat16 if (cfg.amp and device.type == "cuda") else None
@@ -209,7 +211,8 @@ def train_model(model: nn.Module, bundle: DataBundle, mean, std, cfg: TrainConfi
         raise ConfigError("cache_features=on needs a head-only method (linear) and augment=none: "
                           "with augmentation or a trained trunk the cached features would be stale")
     use_cache = cfg.cache_features != "off" and head_only and augment is None
-    train_loader, val_loader, test_loader = make_loaders(bundle, mean, std, cfg, device, augment)
+    train_loader, val_loader, test_loader = make_loaders(bundle, mean, std, cfg, device, augment,
+                                                         with_test=evaluate_test)
     result = TrainResult(feature_cache=use_cache, augment=augment_name)
 
     net = model
@@ -281,6 +284,8 @@ def train_model(model: nn.Module, bundle: DataBundle, mean, std, cfg: TrainConfi
     model.load_state_dict(best_state, strict=False)
     # Selection is over; the test split is read here, once, by the restored best state.
     result.val_probs = predict(net, val_loader, bundle.task, amp_dtype)[0]
+    if not evaluate_test:
+        return result
     if use_cache:
         test_loader = _TensorLoader(extract_features(model, test_loader, amp_dtype), test_loader.labels,
                                     cfg.eval_batch_size)
