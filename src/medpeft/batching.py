@@ -26,6 +26,9 @@ class LightAugment:
     translate: float = 0.05
     brightness: float = 0.1
     contrast: float = 0.1
+    # every operation treats channels alike: a grayscale batch is augmented as 1 channel and only
+    # then broadcast to 3 (a third of the work, the same result)
+    grayscale_safe = True
 
     def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """x: float [B, C, H, W] in [0, 1]."""
@@ -75,6 +78,10 @@ class BatchLoader:
         self.channels_last = channels_last
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        # (x / 255 - mean) / std as one multiply-add (a grayscale batch broadcasts to 3 channels in it)
+        self.scale = 1.0 / (255.0 * self.std)
+        self.inv_std = 1.0 / self.std
+        self.shift = -self.mean / self.std
         self.images = data.images.to(self.device)  # uint8, moved once
         self.labels = data.labels.to(self.device)
 
@@ -83,12 +90,13 @@ class BatchLoader:
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def to_input(self, images_uint8: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
-        x = images_uint8.float().div_(255)
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        if self.augment is not None and gen is not None:
-            x = self.augment(x, gen)
-        x = (x - self.mean) / self.std
+        if self.augment is None or gen is None:
+            x = torch.addcmul(self.shift, images_uint8.float(), self.scale)
+        else:
+            x = images_uint8.float().div_(255)
+            if x.shape[1] == 1 and not getattr(self.augment, "grayscale_safe", False):
+                x = x.expand(-1, 3, -1, -1)
+            x = torch.addcmul(self.shift, self.augment(x, gen), self.inv_std)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x

@@ -66,11 +66,23 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--label-columns", default=None, help="comma-separated 0/1 manifest columns (multi-label task)")
     g.add_argument("--mask-pattern", default="*_mask*", help="files excluded from image folders (default *_mask*)")
     g.add_argument("--split-file", default=None, help="JSON split to reuse (ids per split)")
+    g.add_argument("--near-duplicates", choices=("group", "ignore"), default="group",
+                   help="automatic splits keep near-duplicate images on one side (group, default) or split them "
+                        "like any image (ignore: the naive split, which leaks on data like BUSI)")
+    g.add_argument("--near-duplicate-threshold", default="auto",
+                   help="perceptual-hash Hamming distance for near-duplicates (bits), or auto (default)")
+    g.add_argument("--window", default=None, help="DICOM window CENTER,WIDTH (default: each file's own)")
+    g.add_argument("--audit", choices=("warn", "strict", "off"), default="warn",
+                   help="data audit before training: warn (default), strict (leakage/duplicates stop the run), off")
 
 
 def add_train_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=30)
+    g.add_argument("--bn-stats", choices=("frozen", "update"), default="frozen",
+                   help="BatchNorm running statistics while training: frozen (default) or update")
+    g.add_argument("--min-steps", type=int, default=0,
+                   help="train at least this many optimizer steps (raises the epochs for tiny label fractions)")
     g.add_argument("--batch-size", type=int, default=32)
     g.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's own)")
     g.add_argument("--weight-decay", type=float, default=1e-4)
@@ -79,8 +91,18 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--monitor", default="auroc", help="validation metric for selection: auroc, acc, balanced_acc, f1, loss")
     g.add_argument("--class-weighted", action="store_true", help="inverse-frequency class weights in the loss")
     g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 disables)")
-    g.add_argument("--augment", default="auto", help="none | light | auto (none for linear probing, else light)")
-    g.add_argument("--cache-features", default="auto", help="auto | on | off: cache frozen features for head-only training")
+    g.add_argument("--augment", default="auto",
+                   help="auto (none for linear probing, else light) | none | light | medical | geometric | intensity | "
+                        "artefact | a list like 'flip,rotation=0.5,speckle'")
+    g.add_argument("--augment-strength", type=float, default=1.0, help="scales every augmentation magnitude")
+    g.add_argument("--mix", default="none", help="none | mixup | cutmix | mixup+cutmix (soft targets)")
+    g.add_argument("--cache-features", default="auto",
+                   help="auto | on | off: compute the frozen front of the network once per split (linear probing: "
+                        "the features; partial: the frozen blocks' output); needs --augment none")
+    g.add_argument("--compile", action="store_true", help="torch.compile the trained network (slower first steps)")
+    g.add_argument("--channels-last", default="auto", choices=("auto", "on", "off"),
+                   help="NHWC activations (auto: CNNs on any device, every model on a GPU)")
+    g.add_argument("--no-fused-adamw", action="store_true", help="the foreach AdamW instead of the fused kernel")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     g.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on the GPU")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
@@ -126,11 +148,16 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--merge", action="store_true", help="merge the adapter into the backbone first")
     predict.add_argument("--weights", default=None, help="backbone weights file, if the run used one")
     predict.add_argument("--out", default=None, help="CSV file for the predictions (default: print)")
+    predict.add_argument("--window", default=None, help="DICOM window CENTER,WIDTH (default: each file's own)")
 
     export = sub.add_parser("export", help="write a merged, plain timm state dict (safetensors) of a trained run")
     export.add_argument("run")
     export.add_argument("out", help="output .safetensors file")
     export.add_argument("--weights", default=None)
+    from .audit import add_audit_parser, cmd_audit
+
+    add_audit_parser(sub)
+    COMMANDS["audit"] = cmd_audit
     from .bench.cli import add_benchmark_parsers  # benchmark + report
 
     COMMANDS.update(add_benchmark_parsers(sub))
@@ -160,13 +187,18 @@ def run_config_from_args(args) -> "RunConfig":
         val_ratio=args.val_ratio, test_ratio=args.test_ratio, mask_pattern=args.mask_pattern,
         group_column=args.group_column,
         label_columns=args.label_columns.split(",") if args.label_columns else None, split_file=args.split_file,
+        near_duplicates=args.near_duplicates, dicom_window=args.window, audit=args.audit,
+        near_duplicate_threshold=(int(args.near_duplicate_threshold) if str(args.near_duplicate_threshold).isdigit()
+                                  else args.near_duplicate_threshold),
     )
     train = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        epochs=args.epochs, min_steps=args.min_steps, bn_stats=args.bn_stats, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         warmup_epochs=args.warmup_epochs, patience=args.patience, monitor=args.monitor,
         class_weighted=args.class_weighted, grad_clip=args.grad_clip or None, augment=args.augment,
+        augment_strength=args.augment_strength, mix=args.mix,
         cache_features=args.cache_features, device=args.device, amp=not args.no_amp, seed=args.seed,
-        threads=args.threads, max_minutes=args.max_minutes,
+        threads=args.threads, max_minutes=args.max_minutes, compile=args.compile,
+        channels_last=args.channels_last, fused_adamw=not args.no_fused_adamw,
     )
     from .methods import parse_method
 
@@ -202,22 +234,14 @@ def cmd_predict(args) -> int:
     import numpy as np
     import torch
 
-    from .data.io import read_image
     from .data.base import ImageSet
+    from .data.io import load_images
     from .run import load_run
     from .train import predict_probs
 
     loaded = load_run(args.run, weights=args.weights, merge=args.merge)
-    tensors = []
-    for name in args.images:
-        arr = read_image(name)
-        t = torch.from_numpy(np.ascontiguousarray(arr))
-        t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
-        import torchvision.transforms.v2.functional as TF
-
-        t = TF.resize(t, [loaded.image_size, loaded.image_size], antialias=True)
-        tensors.append(t if t.shape[0] == 3 else t.expand(3, -1, -1))
-    images = ImageSet(torch.stack(tensors), torch.zeros(len(tensors), dtype=torch.long), list(args.images))
+    stacked = load_images(args.images, loaded.image_size, args.window)  # same decoding/resizing as training
+    images = ImageSet(stacked, torch.zeros(len(args.images), dtype=torch.long), list(args.images))
     probs = predict_probs(loaded.model, images, loaded.mean, loaded.std, "multilabel" if loaded.task == "multilabel" else "multiclass")
     rows = []
     for name, p in zip(args.images, probs):

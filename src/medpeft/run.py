@@ -15,6 +15,7 @@ import dataclasses
 import json
 import resource
 import time
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -26,7 +27,7 @@ from . import __version__
 from .backbones import create_backbone, check_image_size
 from .data import load_data
 from .data.base import DataBundle, DataConfig
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .methods import (apply_methods, build_configs, config_to_dict, count_parameters,
                       get_method, load_trained_state, parse_method, trained_state_dict)
 from .metrics import metrics_with_ci
@@ -86,6 +87,23 @@ def build_model(backbone: str, num_classes: int, image_size: int, method: str, m
     return model, info, names, configs
 
 
+def audit_before_training(bundle: DataBundle, data_cfg: DataConfig) -> dict | None:
+    """Duplicates / near-duplicates across splits or classes: a warning, or an error with --audit strict."""
+    if data_cfg.audit == "off":
+        return None
+    from .audit import audit_dataset
+
+    report = audit_dataset(bundle, threshold=data_cfg.near_duplicate_threshold)
+    problems = report.problems()
+    if problems:
+        message = (f"data audit of {bundle.name}: " + "; ".join(problems)
+                   + f" (see 'medpeft audit {data_cfg.name}' for the files)")
+        if data_cfg.audit == "strict":
+            raise DataError(message + "; stopped because the audit is strict")
+        warnings.warn(message, stacklevel=2)
+    return {**report.counts, "problems": problems}
+
+
 def default_out_dir(cfg: RunConfig) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{stamp}-{Path(cfg.data.name).name}-{cfg.backbone}-{cfg.method}-s{cfg.train.seed}"
@@ -108,8 +126,10 @@ def execute(cfg: RunConfig, out_dir: str | Path | None = None, bundle: DataBundl
     started = time.perf_counter()
     if cfg.train.threads:
         torch.set_num_threads(int(cfg.train.threads))
+    audit = None
     if bundle is None:
         bundle = load_data(cfg.data)
+        audit = audit_before_training(bundle, cfg.data)
     seed_everything(cfg.train.seed)  # before model creation: adapter init uses the RNG
     model, info, names, configs = build_model(cfg.backbone, bundle.num_classes, cfg.data.image_size, cfg.method,
                                               cfg.method_options, cfg.weights, cfg.pretrained)
@@ -136,12 +156,14 @@ def execute(cfg: RunConfig, out_dir: str | Path | None = None, bundle: DataBundl
         "n_train": len(bundle.train), "n_val": len(bundle.val),
         "n_test": len(bundle.test) if evaluate_test else None,
         "params": counts,
+        "audit": audit,
         "best_epoch": result.best_epoch,
         "best_val": result.best_val,  # the monitored validation score of the kept state
         "epochs_run": len(result.history),
         "monitor": cfg.train.monitor,
         "augment": result.augment,
         "feature_cache": result.feature_cache,
+        "feature_cache_note": result.feature_cache_note,  # what was cached, or why not
         "train_seconds": result.train_seconds,
         "val": metrics_with_ci(val_labels, result.val_probs, bundle.task, n_boot=cfg.n_boot, seed=cfg.train.seed),
         "test": metrics_with_ci(bundle.test.labels.numpy(), result.test_probs, bundle.task, n_boot=cfg.n_boot,

@@ -4,6 +4,7 @@ is restored before the single test evaluation.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import random
@@ -15,11 +16,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .batching import AUGMENTATIONS, BatchLoader
+from .augment import MixConfig, build_augment, check_augment, mix_batch
+from .batching import BatchLoader
 from .data.base import DataBundle, ImageSet
 from .errors import ConfigError
 from .methods import set_train_mode, trained_state_dict
 from .metrics import compute_metrics
+from .trunk_cache import CachePlan, extract, memo_key, plan_cache
+
+_log = logging.getLogger(__name__)
 
 MONITORS = ("auroc", "acc", "balanced_acc", "f1", "loss")
 
@@ -27,6 +32,12 @@ MONITORS = ("auroc", "acc", "balanced_acc", "f1", "loss")
 @dataclass
 class TrainConfig:
     epochs: int = 30
+    # at least this many optimizer steps: with 1% of the labels an epoch is one step, so the
+    # epoch count is raised until the budget is met (0: plain epochs)
+    min_steps: int = 0
+    # BatchNorm running statistics during training: frozen (default; see methods.set_train_mode
+    # for the measurement behind it) or update (layers whose affine parameters train)
+    bn_stats: str = "frozen"
     batch_size: int = 32
     eval_batch_size: int = 128
     lr: float | None = None  # None: the method's default learning rate
@@ -36,21 +47,33 @@ class TrainConfig:
     monitor: str = "auroc"  # validation metric for early stopping / model selection
     class_weighted: bool = False  # inverse-frequency class weights in the loss
     grad_clip: float | None = 1.0
-    augment: str = "auto"  # none | light | auto (none for head-only methods, else light)
-    cache_features: str = "auto"  # auto | on | off: frozen-trunk feature caching for head-only training
+    augment: str = "auto"  # auto (none for head-only methods, else light) | none | light | medical | geometric |
+    # intensity | artefact | a comma list of operations, e.g. "flip,rotation=0.5,speckle" (see augment.py)
+    augment_strength: float = 1.0  # scales every augmentation magnitude (0 disables)
+    mix: str = "none"  # none | mixup | cutmix | mixup+cutmix: batch mixing with soft targets
+    # auto | on | off: cache the frozen front of the network once per split (head-only training: the
+    # features; partial/last-k-blocks: the frozen prefix's output). Needs augment=none and mix=none.
+    cache_features: str = "auto"
     device: str = "auto"  # auto | cpu | cuda[:N]
     amp: bool = True  # bf16 autocast on a GPU (ignored on CPU)
     seed: int = 0
     threads: int | None = None  # torch CPU threads; None: torch's default
     max_minutes: float | None = None  # stop training after this wall time (best state still restored)
+    compile: bool = False  # torch.compile the trained network (the first steps pay for the compilation)
+    channels_last: str = "auto"  # auto (CNNs on any device, every model on a GPU) | on | off
+    fused_adamw: bool = True  # the fused AdamW kernel where torch has one for the device (CUDA, CPU)
 
     def __post_init__(self):
         if self.monitor not in MONITORS:
             raise ConfigError(f"monitor {self.monitor!r} is not one of {', '.join(MONITORS)}")
-        if self.augment not in ("auto", *AUGMENTATIONS):
-            raise ConfigError(f"augment {self.augment!r} is not one of auto, {', '.join(AUGMENTATIONS)}")
+        check_augment("none" if self.augment == "auto" else self.augment, self.augment_strength)
+        MixConfig(mode=self.mix)  # ConfigError for an unknown mode
+        if self.bn_stats not in ("frozen", "update"):
+            raise ConfigError(f"bn_stats {self.bn_stats!r} is not one of frozen, update")
         if self.cache_features not in ("auto", "on", "off"):
             raise ConfigError(f"cache_features {self.cache_features!r} is not one of auto, on, off")
+        if self.channels_last not in ("auto", "on", "off"):
+            raise ConfigError(f"channels_last {self.channels_last!r} is not one of auto, on, off")
         for name in ("epochs", "batch_size", "eval_batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -64,6 +87,7 @@ class TrainResult:
     train_seconds: float = 0.0
     stopped_early: bool = False
     feature_cache: bool = False
+    feature_cache_note: str = ""  # what was cached, or why nothing was (augmentation, trainable stem, ...)
     augment: str = "none"
     val_probs: np.ndarray | None = None  # of the restored best state
     test_probs: np.ndarray | None = None
@@ -107,37 +131,22 @@ def class_weights_for(labels: torch.Tensor, task: str, num_classes: int) -> torc
     return counts.sum() / (num_classes * counts)
 
 
-class _FeatureHead(nn.Module):
-    """Stand-in model over cached pre-logit features: only the head runs per epoch."""
-
-    def __init__(self, head: nn.Module):
-        super().__init__()
-        self.head = head
-
-    def forward(self, feats):
-        return self.head(feats)
-
-
-@torch.inference_mode()
-def extract_features(model: nn.Module, loader: BatchLoader, amp_dtype=None) -> torch.Tensor:
-    set_train_mode(model, False)
-    out = []
-    for x, _ in loader:
-        with torch.autocast(loader.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            out.append(model.forward_head(model.forward_features(x), pre_logits=True).float())
-    return torch.cat(out)
-
-
 class _TensorLoader:
-    """Minimal loader over cached feature tensors, with the same seeded shuffling."""
+    """Loader over cached activations with BatchLoader's seeded order and drop-last rule, so the
+    cached path sees exactly the batches of the plain path."""
 
-    def __init__(self, feats, labels, batch_size, shuffle=False, seed=0):
+    def __init__(self, feats, labels, batch_size, shuffle=False, seed=0, drop_last=False):
         self.feats, self.labels, self.batch_size, self.shuffle, self.seed = feats, labels, batch_size, shuffle, seed
+        self.drop_last = drop_last and len(labels) > batch_size
         self.epoch = 0
         self.device = feats.device
+        # indexing returns NCHW: give a channels-last suffix the layout it runs fastest in
+        self.channels_last = feats.dim() == 4 and feats.is_contiguous(memory_format=torch.channels_last) \
+            and not feats.is_contiguous()
 
     def __len__(self):
-        return math.ceil(len(self.labels) / self.batch_size)
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def __iter__(self):
         gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
@@ -146,7 +155,8 @@ class _TensorLoader:
         order = order.to(self.device)
         for i in range(len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-            yield self.feats[idx], self.labels[idx]
+            feats = self.feats[idx]
+            yield (feats.contiguous(memory_format=torch.channels_last) if self.channels_last else feats), self.labels[idx]
 
 
 @torch.inference_mode()
@@ -180,8 +190,21 @@ def _score(metrics: dict, monitor: str) -> float:
     return metrics["acc"] if value != value else value
 
 
-def make_loaders(bundle: DataBundle, mean, std, cfg: TrainConfig, device, augment, with_test: bool = True):
-    kw = dict(mean=mean, std=std, device=device, channels_last=device.type == "cuda")
+def use_channels_last(model: nn.Module, cfg: TrainConfig, device: torch.device) -> bool:
+    """NHWC activations: oneDNN (CPU) and cuDNN run a CNN's convolutions faster in it (~1.5x for
+    EfficientNet-Lite0 on CPU); a ViT has one conv (patch embedding), so only on a GPU as before."""
+    if cfg.channels_last != "auto":
+        return cfg.channels_last == "on"
+    from .backbones import backbone_family
+
+    return device.type == "cuda" or backbone_family(model) == "cnn"
+
+
+def make_loaders(bundle: DataBundle, mean, std, cfg: TrainConfig, device, augment, with_test: bool = True,
+                 channels_last: bool | None = None):
+    if channels_last is None:
+        channels_last = device.type == "cuda"
+    kw = dict(mean=mean, std=std, device=device, channels_last=channels_last)
     train = BatchLoader(bundle.train, cfg.batch_size, shuffle=True, augment=augment, seed=cfg.seed,
                         drop_last=True, **kw)
     val = BatchLoader(bundle.val, cfg.eval_batch_size, **kw)
@@ -190,46 +213,85 @@ def make_loaders(bundle: DataBundle, mean, std, cfg: TrainConfig, device, augmen
     return train, val, test
 
 
-def train_model(model: nn.Module, bundle: DataBundle, mean, std, cfg: TrainConfig, lr: float,
-                progress=None, evaluate_test: bool = True) -> TrainResult:
-    """Train in place and restore the best validation state.
+@dataclass
+class TrainingSetup:
+    """The moving parts of one training run, built once by ``prepare_training``
+    (``train_model`` loops ``train_epoch`` over it; benchmarks time ``train_epoch`` directly)."""
 
-    The test split is predicted exactly once, after training, by the best validation state
-    (``result.test_probs``); nothing during training or selection reads it.
-    ``progress(epoch, row)`` is called after every epoch (for progress bars / logs).
-    ``evaluate_test=False`` (HPO trials) never reads the test split; ``test_probs`` stays None.
-    """
+    model: nn.Module
+    net: nn.Module  # what a step runs: the model, or the part after a cached frozen trunk
+    step_net: nn.Module  # net, torch.compile'd with TrainConfig.compile
+    train_loader: object
+    val_loader: object
+    test_loader: object | None
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    criterion: object
+    params: list
+    device: torch.device
+    amp_dtype: object
+    cache: CachePlan
+    augment_name: str
+    mix: MixConfig
+    mix_gen: torch.Generator
+    num_classes: int
+    grad_clip: float | None
+    bn_stats: str = "frozen"
+    epochs: int = 1  # cfg.epochs, raised to meet cfg.min_steps
+    steps_per_epoch: int = 1
+
+
+def _cached_loader(plan: CachePlan, loader, images, amp_dtype, batch_size, **kw) -> "_TensorLoader":
+    feats = extract(plan.split.prefix, loader, amp_dtype, key=memo_key(plan.split, images, loader, amp_dtype))
+    return _TensorLoader(feats, loader.labels, batch_size, **kw)
+
+
+def make_adamw(params, lr: float, weight_decay: float, device: torch.device, fused: bool = True):
+    """AdamW over exactly ``params`` (frozen weights get neither gradients nor optimizer state);
+    the fused kernel where torch has one for the device (CUDA, CPU), else the foreach one."""
+    if fused:
+        try:
+            return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+        except (RuntimeError, ValueError):
+            pass
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def prepare_training(model: nn.Module, bundle: DataBundle, mean, std, cfg: TrainConfig, lr: float,
+                     with_test: bool = True) -> TrainingSetup:
     device = resolve_device(cfg.device)
     amp_dtype = torch.bfloat16 if (cfg.amp and device.type == "cuda") else None
     model.to(device)
-    if device.type == "cuda":
+    channels_last = use_channels_last(model, cfg, device)
+    if channels_last:
         model.to(memory_format=torch.channels_last)
     head_only = only_head_trains(model)
     augment_name = cfg.augment if cfg.augment != "auto" else ("none" if head_only else "light")
-    augment = AUGMENTATIONS[augment_name]() if AUGMENTATIONS[augment_name] else None
-    if cfg.cache_features == "on" and not (head_only and augment is None):
-        raise ConfigError("cache_features=on needs a head-only method (linear) and augment=none: "
-                          "with augmentation or a trained trunk the cached features would be stale")
-    use_cache = cfg.cache_features != "off" and head_only and augment is None
+    augment = build_augment(augment_name, cfg.augment_strength)
+    mix = MixConfig(mode=cfg.mix)
     train_loader, val_loader, test_loader = make_loaders(bundle, mean, std, cfg, device, augment,
-                                                         with_test=evaluate_test)
-    result = TrainResult(feature_cache=use_cache, augment=augment_name)
+                                                         with_test=with_test, channels_last=channels_last)
+    stale = [f"augment={augment_name!r}"] * (augment is not None) + [f"mix={cfg.mix!r}"] * mix.active
+    n_cached = len(bundle.train) + len(bundle.val) + (len(bundle.test) if with_test else 0)
+    probe = train_loader.to_input(train_loader.images[:4])  # no generator: not augmented
+    plan = plan_cache(model, cfg.cache_features, stale, probe, n_cached)
+    _log.info("%s", plan.reason)
 
     net = model
-    if use_cache:  # the frozen trunk runs once per split instead of once per epoch
-        net = _FeatureHead(model.get_classifier())
+    if plan.active:  # the frozen trunk/prefix runs once per split instead of once per epoch
+        net = plan.split.suffix
         # extraction reads every training image once, in order (not the shuffled, drop-last loader)
-        ordered = BatchLoader(bundle.train, cfg.eval_batch_size, mean, std, device=device)
-        train_loader = _TensorLoader(extract_features(model, ordered, amp_dtype), ordered.labels,
-                                     cfg.batch_size, shuffle=True, seed=cfg.seed)
-        val_loader = _TensorLoader(extract_features(model, val_loader, amp_dtype), val_loader.labels,
-                                   cfg.eval_batch_size)
+        ordered = BatchLoader(bundle.train, cfg.eval_batch_size, mean, std, device=device,
+                              channels_last=train_loader.channels_last)
+        train_loader = _cached_loader(plan, ordered, bundle.train.images, amp_dtype, cfg.batch_size,
+                                      shuffle=True, seed=cfg.seed, drop_last=True)
+        val_loader = _cached_loader(plan, val_loader, bundle.val.images, amp_dtype, cfg.eval_batch_size)
 
     params = [p for p in model.parameters() if p.requires_grad]
-    fused = device.type == "cuda"
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, fused=fused)
+    optimizer = make_adamw(params, lr, cfg.weight_decay, device, fused=cfg.fused_adamw)
     steps_per_epoch = max(len(train_loader), 1)
-    total_steps = cfg.epochs * steps_per_epoch
+    epochs = max(cfg.epochs, math.ceil(cfg.min_steps / steps_per_epoch))
+    total_steps = epochs * steps_per_epoch
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
 
     def lr_lambda(step):
@@ -241,26 +303,65 @@ def train_model(model: nn.Module, bundle: DataBundle, mean, std, cfg: TrainConfi
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
     weights = class_weights_for(bundle.train.labels, bundle.task, bundle.num_classes).to(device) \
         if cfg.class_weighted else None
-    criterion = loss_fn(bundle.task, weights)
+    step_net = torch.compile(net) if cfg.compile else net
+    return TrainingSetup(
+        model=model, net=net, step_net=step_net, train_loader=train_loader, val_loader=val_loader,
+        test_loader=test_loader, optimizer=optimizer, scheduler=scheduler,
+        criterion=loss_fn(bundle.task, weights), params=params, device=device, amp_dtype=amp_dtype, cache=plan,
+        augment_name=augment_name, mix=mix,
+        mix_gen=torch.Generator().manual_seed(cfg.seed * 100_003 + 99_991),  # own stream: mixing on/off keeps the order
+        num_classes=bundle.num_classes, grad_clip=cfg.grad_clip, epochs=epochs, steps_per_epoch=steps_per_epoch,
+        bn_stats=cfg.bn_stats,
+    )
+
+
+def train_epoch(setup: TrainingSetup, max_steps: int | None = None) -> float:
+    """One pass over the training batches (at most ``max_steps``); returns the mean training loss.
+
+    The loss is summed on the device and read once per epoch: no host sync per step.
+    """
+    s = setup
+    set_train_mode(s.net, True, s.bn_stats)
+    total = torch.zeros((), device=s.device)
+    count = 0
+    for step, (x, y) in enumerate(s.train_loader):
+        if max_steps is not None and step >= max_steps:
+            break
+        if s.mix.active:  # soft targets [B, K]; cross-entropy takes class probabilities
+            x, y = mix_batch(x, y, s.num_classes, s.mix_gen, s.mix)
+        with torch.autocast(s.device.type, dtype=s.amp_dtype, enabled=s.amp_dtype is not None):
+            logits = s.step_net(x)
+        loss = s.criterion(logits.float(), y)
+        s.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if s.grad_clip:
+            torch.nn.utils.clip_grad_norm_(s.params, s.grad_clip)
+        s.optimizer.step()
+        s.scheduler.step()
+        total += loss.detach() * len(y)
+        count += len(y)
+    return float(total) / max(count, 1)
+
+
+def train_model(model: nn.Module, bundle: DataBundle, mean, std, cfg: TrainConfig, lr: float,
+                progress=None, evaluate_test: bool = True) -> TrainResult:
+    """Train in place and restore the best validation state.
+
+    The test split is predicted exactly once, after training, by the best validation state
+    (``result.test_probs``); nothing during training or selection reads it.
+    ``progress(epoch, row)`` is called after every epoch (for progress bars / logs).
+    ``evaluate_test=False`` (HPO trials) never reads the test split; ``test_probs`` stays None.
+    """
+    setup = prepare_training(model, bundle, mean, std, cfg, lr, with_test=evaluate_test)
+    net, amp_dtype = setup.net, setup.amp_dtype
+    result = TrainResult(feature_cache=setup.cache.active, feature_cache_note=setup.cache.reason,
+                         augment=setup.augment_name)
 
     best_score, best_state, stale = -math.inf, None, 0
     start = time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
-        set_train_mode(net if use_cache else model, True)
-        total, count = 0.0, 0
-        for x, y in train_loader:
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = net(x)
-            loss = criterion(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            total += float(loss.detach()) * len(y)
-            count += len(y)
-        val = evaluate(net, val_loader, bundle.val, bundle.task, amp_dtype)
+    for epoch in range(1, setup.epochs + 1):
+        train_loss = train_epoch(setup)
+        val = evaluate(net, setup.val_loader, bundle.val, bundle.task, amp_dtype)
         score = _score(val, cfg.monitor)
         improved = score > best_score
         if improved:  # a real copy: later steps must not change the kept state
@@ -268,12 +369,12 @@ def train_model(model: nn.Module, bundle: DataBundle, mean, std, cfg: TrainConfi
             best_state = {k: v.detach().clone() for k, v in trained_state_dict(model).items()}
         else:
             stale += 1
-        row = {"epoch": epoch, "train_loss": total / max(count, 1), "lr": optimizer.param_groups[0]["lr"],
+        row = {"epoch": epoch, "train_loss": train_loss, "lr": setup.optimizer.param_groups[0]["lr"],
                "seconds": time.perf_counter() - start, **{f"val_{k}": v for k, v in val.items()}}
         result.history.append(row)
         if progress:
             progress(epoch, row)
-        if stale >= cfg.patience:
+        if stale >= cfg.patience and epoch * setup.steps_per_epoch >= cfg.min_steps:
             result.stopped_early = True
             break
         if cfg.max_minutes and (time.perf_counter() - start) > 60 * cfg.max_minutes:
@@ -283,12 +384,12 @@ def train_model(model: nn.Module, bundle: DataBundle, mean, std, cfg: TrainConfi
     result.best_val = best_score if cfg.monitor != "loss" else -best_score
     model.load_state_dict(best_state, strict=False)
     # Selection is over; the test split is read here, once, by the restored best state.
-    result.val_probs = predict(net, val_loader, bundle.task, amp_dtype)[0]
+    result.val_probs = predict(net, setup.val_loader, bundle.task, amp_dtype)[0]
     if not evaluate_test:
         return result
-    if use_cache:
-        test_loader = _TensorLoader(extract_features(model, test_loader, amp_dtype), test_loader.labels,
-                                    cfg.eval_batch_size)
+    test_loader = setup.test_loader
+    if setup.cache.active:
+        test_loader = _cached_loader(setup.cache, test_loader, bundle.test.images, amp_dtype, cfg.eval_batch_size)
     result.test_probs = predict(net, test_loader, bundle.task, amp_dtype)[0]
     return result
 
