@@ -24,7 +24,7 @@ demo: setup
 	MEDPEFT_DATA=$(DATA)/medmnist $(BIN)/medpeft benchmark --preset quick --data-root $(DATA)/medmnist --resume
 
 test: setup
-	MEDPEFT_DATA=$(DATA)/medmnist MEDPEFT_SHARED_DATA=$(DATA) MEDPEFT_OFFLINE=1 \
+	MEDPEFT_DATA=$(DATA)/medmnist MEDPEFT_SHARED_DATA=$(DATA) MEDPEFT_OFFLINE=1 OMP_NUM_THREADS=1 \
 	    $(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 clean:
