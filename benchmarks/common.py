@@ -67,8 +67,8 @@ def median(values) -> float:
 
 
 def interleaved(cases: dict, repeats: int, device: torch.device) -> dict[str, list[float]]:
-    """Run each case's ``fn() -> items`` ``repeats`` times, alternating the order each round;
-    returns items/second per run."""
+    """Run each case's ``fn() -> items`` ``repeats`` times, alternating the order each round
+    (A B, B A, A B, ...); returns items/second per run, in round order."""
     rates = {name: [] for name in cases}
     names = list(cases)
     for r in range(repeats):
@@ -79,6 +79,12 @@ def interleaved(cases: dict, repeats: int, device: torch.device) -> dict[str, li
             sync(device)
             rates[name].append(items / (time.perf_counter() - start))
     return rates
+
+
+def paired_ratio(rates: dict[str, list[float]], num: str, den: str) -> float:
+    """Median over repeats of num/den from the same round: both were measured back to back, so a
+    change of machine load between rounds cancels out."""
+    return median([a / b for a, b in zip(rates[num], rates[den])])
 
 
 # --------------------------------------------------------------------------- data

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from common import device_of, header, interleaved, load_bundle, median, reference_loader, table
+from common import device_of, header, interleaved, load_bundle, median, paired_ratio, reference_loader, table
 
 import torch
 
@@ -60,10 +60,9 @@ def main(argv=None):
             for fn in cases.values():
                 fn()
             rates = interleaved(cases, repeats, device)
-            ours_rate = median(rates["medpeft"])
             for name, r in rates.items():
                 rows.append({"size": size, "augment": "light" if augment else "none", "pipeline": name,
-                             "img/s": median(r), "medpeft / this": ours_rate / median(r)})
+                             "img/s": median(r), "medpeft / this": paired_ratio(rates, "medpeft", name)})
             print(f"  {size}px augment={augment}: " + ", ".join(f"{n} {median(r):.0f} img/s" for n, r in rates.items()),
                   flush=True)
     print()

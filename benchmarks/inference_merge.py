@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 
-from common import device_of, header, interleaved, median, table
+from common import device_of, header, interleaved, median, paired_ratio, table
 
 import torch
 
@@ -87,7 +87,8 @@ def main(argv=None):
             med = {k: median(v) for k, v in rates.items()}
             rows.append({"backbone": backbone, "method": method, "base img/s": med["base"],
                          "unmerged img/s": med["unmerged"], "merged img/s": med["merged"],
-                         "unmerged/base": med["unmerged"] / med["base"], "merged/base": med["merged"] / med["base"],
+                         "unmerged/base": paired_ratio(rates, "unmerged", "base"),
+                         "merged/base": paired_ratio(rates, "merged", "base"),
                          "max |logit diff| merged vs unmerged": err})
             print(f"  {backbone} {method}: merged/base {rows[-1]['merged/base']:.3f}, "
                   f"unmerged/base {rows[-1]['unmerged/base']:.3f}, logit diff {err:.1e}", flush=True)

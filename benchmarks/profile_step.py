@@ -17,7 +17,7 @@ import copy
 import math
 import time
 
-from common import device_of, header, interleaved, load_bundle, median, sync, table
+from common import device_of, header, interleaved, load_bundle, median, paired_ratio, sync, table
 
 import torch
 
@@ -169,7 +169,7 @@ def main(argv=None):
         }, repeats, device)
         ratio_rows.append({"config": spec, "before img/s": median(rates["before"]),
                            "after img/s": median(rates["after"]),
-                           "after/before": median(rates["after"]) / median(rates["before"])})
+                           "after/before": paired_ratio(rates, "after", "before")})
         print(f"  {spec}: after/before {ratio_rows[-1]['after/before']:.3f}", flush=True)
         if args.profiler:
             from torch.profiler import ProfilerActivity, profile

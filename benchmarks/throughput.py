@@ -12,7 +12,8 @@ Reference (what a user would otherwise write):
 medpeft: ``prepare_training`` + ``train_epoch`` (its own training step: batched on-device
 augmentation, grad clipping, LR schedule, fused AdamW, caching where the method allows it).
 
-Columns: images/s (median of interleaved repeats), medpeft/ref, medpeft/full (the method's speed
+Columns: images/s (median of interleaved repeats), medpeft/ref (median of the per-round ratios),
+medpeft/full (the method's speed
 relative to full fine-tuning in medpeft; ~1.5x is the ideal for a method that back-propagates
 through the whole trunk), and the training state in MB (activations saved for backward +
 gradients + optimizer state, counted exactly for one step; GPU: also the allocator's peak).
@@ -28,7 +29,7 @@ import json
 import time
 
 from common import (PEFT_METHODS, ReferenceLoop, device_of, header, interleaved, load_bundle, median,
-                    peft_reference_model, reference_loader, sync, table, train_state_bytes)
+                    paired_ratio, peft_reference_model, reference_loader, sync, table, train_state_bytes)
 
 import torch
 
@@ -119,7 +120,7 @@ def measure(backbone: str, label: str, method: str, options: dict, augment: str,
         "ref state MB": mb(mem_ref), "medpeft state MB": mb(mem_med),
         "setup s": setup_s, "note": setup.cache.reason if setup.cache.active else "",
     }
-    row["medpeft/ref"] = row["medpeft img/s"] / row["ref img/s"]
+    row["medpeft/ref"] = paired_ratio(rates, "medpeft", "ref")
     if peaks["ref"]:
         row["ref peak GPU MB"], row["medpeft peak GPU MB"] = max(peaks["ref"]), max(peaks["medpeft"])
     del setup, model, ref, ref_model, ref_opt
@@ -150,7 +151,7 @@ def main(argv=None) -> list[dict]:
                                                                               "dinov2_vits14": 224}
     args.batch_size = args.batch_size or (16 if quick else 64)
     args.steps = args.steps or (3 if quick else 20)
-    args.repeats = args.repeats or (3 if quick else 5)
+    args.repeats = args.repeats or 5
     args.warmup = args.warmup if args.warmup is not None else (1 if quick else 5)
     # on 2 CPU cores worker processes only take cores from the model; on a GPU machine they help
     args.workers = args.workers if args.workers is not None else (0 if device.type == "cpu" else 8)
