@@ -27,6 +27,7 @@ SEARCH_SPACES: dict[str, dict[str, list]] = {
     "lokr": {"rank": [4, 8, 16]},
     "vera": {"rank": [64, 256]},
     "oft": {"block_size": [4, 8, 16]},
+    "boft": {"block_size": [2, 4], "factors": [1, 2]},  # span b*2^(m-1) <= 8 divides every target of both backbones
     "fact": {"rank": [4, 8, 16], "scale": [0.1, 1.0, 10.0]},
     "adapter": {"dim": [4, 8, 16, 32], "scale": [0.1, 1.0]},
     "pfeiffer": {"dim": [4, 8, 16, 32], "scale": [0.1, 1.0]},
