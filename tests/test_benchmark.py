@@ -447,3 +447,24 @@ def test_leaderboard_and_report_from_the_cli(reference_sweep, capsys):
     assert "leaderboard: toy - tiny_cnn" in text and "leaderboard: toy - tiny_vit" in text
     assert main(["report", str(out / "nowhere")]) == 2
     assert "no results store" in capsys.readouterr().err
+
+
+def test_pruning_rungs_are_units_of_the_epoch_budget_when_tiny_fractions_stretch_epochs():
+    """A 5-image subset trained for 6 epochs x min_steps is stretched to 40 one-step epochs: the
+    rungs must still sit at 1/6, 2/6, ... of the training, not at its first optimizer steps."""
+    space = search_space("full")
+    settings = HpoSettings(prune_min_epochs=2, reduction_factor=3)
+    history = [_record(i, {"lr": 1e-4, "weight_decay": 1e-4}, space, v, intermediate={2: v},
+                       attrs={"completed_rung_0": v}) for i, v in enumerate([0.6, 0.9, 0.7])]
+    reporter = PruningReporter(history, {}, settings, "auroc", budget_epochs=6)
+    for epoch in range(1, 14):  # 0.1 is far below the rung value 0.9 but epochs 1-13 are < 2/6 of 40
+        reporter(epoch, {"val_auroc": 0.1 if epoch != 5 else 0.5, "epochs_total": 40})
+    assert reporter.intermediate == {1: 0.1}  # epoch 7 = unit 1 (7 * 6 // 40)
+    assert reporter.best_score == 0.5  # the trial's value counts every epoch, reported or not
+    with pytest.raises(Exception) as err:
+        reporter(14, {"val_auroc": 0.65, "epochs_total": 40})  # unit 2 = rung 0: 0.65 < 0.9, pruned
+    assert type(err.value).__name__ == "TrialPruned" and "budget unit 2" in str(err.value)
+    # without the stretch (epochs_total = budget) a unit is an epoch, as before
+    plain = PruningReporter(history, {}, settings, "auroc", budget_epochs=6)
+    plain(1, {"val_auroc": 0.1, "epochs_total": 6})
+    assert plain.intermediate == {1: 0.1}

@@ -369,7 +369,8 @@ def train_model(model: nn.Module, bundle: DataBundle, mean, std, cfg: TrainConfi
             best_state = {k: v.detach().clone() for k, v in trained_state_dict(model).items()}
         else:
             stale += 1
-        row = {"epoch": epoch, "train_loss": train_loss, "lr": setup.optimizer.param_groups[0]["lr"],
+        row = {"epoch": epoch, "epochs_total": setup.epochs, "train_loss": train_loss,
+               "lr": setup.optimizer.param_groups[0]["lr"],
                "seconds": time.perf_counter() - start, **{f"val_{k}": v for k, v in val.items()}}
         result.history.append(row)
         if progress:

@@ -124,20 +124,40 @@ class PruningReporter:
 
     Builds a study holding the trial's visible history (with their rung values) and one live
     trial with the given parameters, so the pruner compares exactly as it would have in one study.
+
+    Rungs are in units of the configured epoch budget (``budget_epochs``): when the trainer
+    stretches a tiny label fraction to more, shorter epochs (``min_steps``; the row's
+    ``epochs_total``), epoch e is reported as unit floor(e * budget / epochs_total), at the
+    first epoch that reaches it, so "rung at epoch 2" means a third of a 6-epoch training for
+    every label fraction, not two optimizer steps of a 5-image subset.
     """
 
-    def __init__(self, history: list[TrialRecord], params: dict, settings: HpoSettings, monitor: str):
+    def __init__(self, history: list[TrialRecord], params: dict, settings: HpoSettings, monitor: str,
+                 budget_epochs: int | None = None):
         self.monitor = monitor
+        self.budget_epochs = budget_epochs
         self.study = _study(history, pruner=make_pruner(settings))
         self.trial = self.study.ask()
-        self.intermediate: dict[int, float] = {}
+        self.intermediate: dict[int, float] = {}  # reported unit -> validation score
+        self.best_score = float("nan")  # over every epoch, reported or not
+
+    def unit(self, epoch: int, row: dict) -> int:
+        total = row.get("epochs_total")
+        if not self.budget_epochs or not total:
+            return int(epoch)
+        return int(epoch) * int(self.budget_epochs) // int(total)
 
     def __call__(self, epoch: int, row: dict) -> None:
         score = monitor_score(row, self.monitor)
-        self.intermediate[int(epoch)] = score
-        self.trial.report(score, int(epoch))
+        if not math.isnan(score) and not score <= self.best_score:
+            self.best_score = score
+        unit = self.unit(epoch, row)
+        if unit < 1 or unit in self.intermediate:
+            return
+        self.intermediate[unit] = score
+        self.trial.report(score, unit)
         if self.trial.should_prune():
-            raise optuna.TrialPruned(f"pruned at epoch {epoch} (validation {score:.4f})")
+            raise optuna.TrialPruned(f"pruned at epoch {epoch} (budget unit {unit}; validation {score:.4f})")
 
     def system_attrs(self) -> dict:
         frozen = self.study._storage.get_trial(self.trial._trial_id)

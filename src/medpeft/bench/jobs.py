@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import math
 import os
 import shutil
 import socket
@@ -152,7 +153,8 @@ def run_job(job: dict, cache: BundleCache | None = None) -> dict:
         if trial:
             hpo = job["hpo"]
             history = [TrialRecord.from_dict(t) for t in hpo["history"]]
-            reporter = PruningReporter(history, hpo["params"], HpoSettings(**hpo["settings"]), cfg.train.monitor)
+            reporter = PruningReporter(history, hpo["params"], HpoSettings(**hpo["settings"]), cfg.train.monitor,
+                                       budget_epochs=cfg.train.epochs)
         with MemorySampler() as memory:
             try:
                 metrics = execute(cfg, out_dir=job.get("run_dir"), bundle=bundle, progress=reporter,
@@ -171,7 +173,8 @@ def run_job(job: dict, cache: BundleCache | None = None) -> dict:
             out["intermediate"] = dict(reporter.intermediate)
             out["system_attrs"] = reporter.system_attrs()
             if out["outcome"] == "pruned":
-                out["value"] = max(reporter.intermediate.values()) if reporter.intermediate else None
+                best = reporter.best_score
+                out["value"] = None if math.isnan(best) else best
     except Exception as err:  # noqa: BLE001 - one failing run must not end the sweep
         out.update(status="failed", outcome=None, error=f"{type(err).__name__}: {err}\n"
                                                         + "".join(traceback.format_exc(limit=6)))
