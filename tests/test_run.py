@@ -119,3 +119,17 @@ def test_run_config_rejects_unknown_keys():
         RunConfig.from_dict({"bogus": 1})
     with pytest.raises(ConfigError, match="epochz"):
         RunConfig.from_dict({"train": {"epochz": 3}})
+
+
+def test_run_records_its_split_and_split_file_reproduces_it(tiny_run, medmnist_root):
+    cfg, first, out = tiny_run
+    recorded = json.loads((out / "split.json").read_text())
+    assert len(recorded["train"]) == 546 and len(recorded["val"]) == 78 and len(recorded["test"]) == 156
+    assert len(recorded["train_subset"]) == first["n_train"]  # the label subset, inside the training split
+    assert set(recorded["train_subset"]) <= set(recorded["train"])
+    again = tiny_config(medmnist_root)
+    again.data.split_file = str(out / "split.json")
+    second = execute(again, save=False)
+    for key in ("train_ids_sha256", "train_subset_ids_sha256", "val_ids_sha256", "test_ids_sha256"):
+        assert second["split"][key] == first["split"][key]
+    assert second["test"] == first["test"]

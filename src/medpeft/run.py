@@ -25,7 +25,7 @@ import yaml
 
 from . import __version__
 from .backbones import create_backbone, check_image_size
-from .data import load_data
+from .data import load_data, save_split
 from .data.base import DataBundle, DataConfig
 from .errors import ConfigError, DataError
 from .methods import (apply_methods, build_configs, config_to_dict, count_parameters,
@@ -34,6 +34,7 @@ from .metrics import metrics_with_ci
 from .train import TrainConfig, resolve_device, seed_everything, train_model
 
 ADAPTER_FILE = "adapter.safetensors"
+SPLIT_FILE = "split.json"
 
 
 @dataclass
@@ -198,6 +199,8 @@ def write_run(out: Path, cfg: RunConfig, metrics: dict, history: list[dict], mod
     metrics["adapter_bytes"] = adapter.stat().st_size
     with open(out / "metrics.json", "w") as fh:
         json.dump(metrics, fh, indent=2, default=float)
+    # the ids of the split (and of the label subset): rerun or share it with --split-file
+    save_split(bundle, out / SPLIT_FILE)
     if history:
         with open(out / "history.csv", "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(history[0]))
