@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml requirements-torch.txt
 	rm -f $(VENV)/.installed-*; touch $(STAMP)
 
 # The main job on the embedded offline default: a real comparison of fine-tuning methods on
-# BreastMNIST with both offline pretrained backbones, leaderboard + report (runs/benchmark-quick/report).
+# BreastMNIST with the offline EfficientNet-Lite0 (5 methods x 2 label fractions x 2 seeds), leaderboard +
+# report (runs/benchmark-quick/report).
 demo: setup
 	MEDPEFT_DATA=$(DATA)/medmnist $(BIN)/medpeft benchmark --preset quick --data-root $(DATA)/medmnist --resume
 
