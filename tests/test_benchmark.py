@@ -431,6 +431,14 @@ def test_report_numbers_match_the_definitions(reference_sweep):
     assert len(csv_rows) == 1 + len(store_rows(out))
     # medpeft report rebuilds the same from the store alone
     assert main(["report", str(out), "--export", "csv,parquet", "--quiet"]) == 0
+    import pandas as pd
+
+    from_csv = pd.read_csv(Path(report["dir"], "runs.csv"))
+    from_parquet = pd.read_parquet(Path(report["dir"], "runs.parquet"))
+    assert list(from_parquet.columns) == list(from_csv.columns) and len(from_parquet) == len(from_csv)
+    assert sorted(from_parquet["key"]) == sorted(from_csv["key"])
+    assert np.allclose(from_parquet.sort_values("key")["value"].astype(float),
+                       from_csv.sort_values("key")["value"].astype(float), equal_nan=True)
 
 
 def test_pareto_front():
