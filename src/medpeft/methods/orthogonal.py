@@ -74,6 +74,7 @@ class BoftLayer(nn.Module):
         self.size, self.block, self.factors = size, block_size, factors
         self.register_buffer("perms", torch.stack([butterfly_permutation(size, block_size, i)
                                                    for i in range(factors)]), persistent=False)
+        self.register_buffer("inverse_perms", torch.argsort(self.perms, dim=1), persistent=False)
         rows, cols = torch.triu_indices(block_size, block_size, offset=1)
         self.register_buffer("rows", rows, persistent=False)
         self.register_buffer("cols", cols, persistent=False)
@@ -89,28 +90,38 @@ class BoftLayer(nn.Module):
     def bias(self):
         return self.base.bias
 
-    def rotation(self) -> torch.Tensor:
-        """R = M_{m-1} ··· M_0 (size x size), M_i = P_i Q_i P_iᵀ with Q_i block-diagonal orthogonal."""
+    def blocks(self) -> torch.Tensor:
+        """The orthogonal b x b blocks of every factor, (m, size/b, b, b): Cayley transforms
+        Q = (I - S)(I + S)^-1 of the skew-symmetric S built from the free angles."""
         m, nblocks, _ = self.boft_angles.shape
-        b = self.block
-        skew = self.boft_angles.new_zeros(m, nblocks, b, b)
+        skew = self.boft_angles.new_zeros(m, nblocks, self.block, self.block)
         skew[..., self.rows, self.cols] = self.boft_angles
         skew = skew - skew.transpose(-1, -2)
-        eye = torch.eye(b, dtype=skew.dtype, device=skew.device)
-        # Cayley: Q = (I - S)(I + S)^-1 is orthogonal for skew-symmetric S
-        blocks = torch.linalg.solve(eye + skew, eye - skew, left=False).float()
-        rotation = None
-        for i in range(m):
-            factor = torch.block_diag(*blocks[i])
-            perm = self.perms[i]
-            factor = factor[perm][:, perm]  # P Q Pᵀ with P[j, perm[j]] = 1
-            rotation = factor if rotation is None else factor @ rotation
-        return rotation
+        eye = torch.eye(self.block, dtype=skew.dtype, device=skew.device)
+        return torch.linalg.solve(eye + skew, eye - skew, left=False)
+
+    def rotate_inputs(self, weight: torch.Tensor) -> torch.Tensor:
+        """W·Rᵀ for a (rows, size) matrix, R = M_{m-1} ··· M_0, M_i = P_i Q_i P_iᵀ (P[j, perm[j]] = 1).
+
+        Factor by factor without building R: W·M_iᵀ = ((W·P_i)·Q_iᵀ)·P_iᵀ, where W·P_i permutes
+        the columns by the inverse permutation, ·Q_iᵀ is a batched b x b product per block and
+        ·P_iᵀ permutes back: O(rows · size · b) per factor instead of O(rows · size²).
+        """
+        rows = weight.shape[0]
+        for perm, inverse, q in zip(self.perms, self.inverse_perms, self.blocks()):
+            x = weight[:, inverse].reshape(rows, -1, self.block)
+            weight = torch.einsum("nkj,kij->nki", x, q).reshape(rows, self.size)[:, perm]
+        return weight
+
+    def rotation(self) -> torch.Tensor:
+        """R as a dense (size x size) matrix (for checks; training never builds it)."""
+        eye = torch.eye(self.size, dtype=self.boft_angles.dtype, device=self.boft_angles.device)
+        return self.rotate_inputs(eye).t()
 
     def adapted_weight(self) -> torch.Tensor:
         weight = self.base.weight
         flat = weight.reshape(weight.shape[0], -1).float()
-        flat = (flat @ self.rotation().t()) * self.boft_scale.float()[:, None]
+        flat = self.rotate_inputs(flat) * self.boft_scale.float()[:, None]
         return flat.reshape(weight.shape).to(weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
