@@ -4,7 +4,7 @@ the command line override them).
 - ``quick``: the README's main job. A real comparison (five methods on the offline CNN, two
   label fractions, two seeds) that finishes on 2 CPU cores in under 10 minutes (4m52s measured
   on a 2-core machine shared with two other trainings): 64 px, 6 epochs, no HPO.
-- ``full``: the study of the closing note: BreastMNIST and PneumoniaMNIST, both offline
+- ``full``: the whole study at a larger scale: BreastMNIST and PneumoniaMNIST, both offline
   backbones, nine methods (eight on both families), fractions 1% / 10% / 100%, 3 seeds,
   4 HPO trials per cell (714 jobs). Estimated ~24 CPU-hours on a loaded 2-core machine
   (DINOv2 on PneumoniaMNIST at 100% labels is two thirds of it): run it in resumable chunks
