@@ -60,8 +60,10 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--shots", type=int, default=None, help="k training examples per class instead of --fraction")
     g.add_argument("--subset-seed", type=int, default=None, help="seed of the label subset (default: --seed)")
     g.add_argument("--split-seed", type=int, default=0, help="seed of the split when the data has none (default 0)")
-    g.add_argument("--val-ratio", type=float, default=0.15)
-    g.add_argument("--test-ratio", type=float, default=0.15)
+    g.add_argument("--val-ratio", type=float, default=0.15,
+                   help="validation share when the data has no split of its own (default 0.15)")
+    g.add_argument("--test-ratio", type=float, default=0.15,
+                   help="test share when the data has no split of its own (default 0.15)")
     g.add_argument("--group-column", default=None, help="manifest column with patient ids: no patient on two sides")
     g.add_argument("--label-columns", default=None, help="comma-separated 0/1 manifest columns (multi-label task)")
     g.add_argument("--mask-pattern", default="*_mask*", help="files excluded from image folders (default *_mask*)")
@@ -78,15 +80,16 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
 
 def add_train_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=30)
+    g.add_argument("--epochs", type=int, default=30, help="maximum training epochs (default 30)")
     g.add_argument("--bn-stats", choices=("frozen", "update"), default="frozen",
                    help="BatchNorm running statistics while training: frozen (default) or update")
     g.add_argument("--min-steps", type=int, default=0,
                    help="train at least this many optimizer steps (raises the epochs for tiny label fractions)")
-    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--batch-size", type=int, default=32, help="training batch size (default 32)")
     g.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's own)")
-    g.add_argument("--weight-decay", type=float, default=1e-4)
-    g.add_argument("--warmup-epochs", type=float, default=1.0)
+    g.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default 1e-4)")
+    g.add_argument("--warmup-epochs", type=float, default=1.0,
+                   help="linear warm-up before the cosine decay, in epochs (default 1)")
     g.add_argument("--patience", type=int, default=6, help="early-stopping patience in epochs (default 6)")
     g.add_argument("--monitor", default="auroc", help="validation metric for selection: auroc, acc, balanced_acc, f1, loss")
     g.add_argument("--class-weighted", action="store_true", help="inverse-frequency class weights in the loss")
@@ -107,7 +110,8 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on the GPU")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     g.add_argument("--max-minutes", type=float, default=None, help="stop training after this many minutes")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0,
+                   help="training seed, also the label-subset seed unless --subset-seed is given (default 0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,13 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_options(run)
     run.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for confidence intervals")
     run.add_argument("--out", default=None, help="run folder (default: a new folder under runs/)")
-    run.add_argument("--quiet", action="store_true")
+    run.add_argument("--quiet", action="store_true", help="no per-epoch progress bar (the final metrics table is still printed)")
     add_method_options(run)
 
-    methods = sub.add_parser("methods", help="list every method, the backbones it applies to and its trainable %")
+    methods = sub.add_parser("methods", help="list every method, the backbones it applies to and its trainable %%")
     methods.add_argument("--backbone", default=None, help="count trainable parameters on this backbone")
-    methods.add_argument("--image-size", type=int, default=None)
-    methods.add_argument("--num-classes", type=int, default=2)
+    methods.add_argument("--image-size", type=int, default=None,
+                         help="input size the counts are made at (default: the backbone's own)")
+    methods.add_argument("--num-classes", type=int, default=2, help="classes of the head counted (default 2)")
     methods.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     predict = sub.add_parser("predict", help="apply a trained run to image files")
@@ -153,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="write a merged, plain timm state dict (safetensors) of a trained run")
     export.add_argument("run")
     export.add_argument("out", help="output .safetensors file")
-    export.add_argument("--weights", default=None)
+    export.add_argument("--weights", default=None, help="backbone weights file, if the run used one")
     from .audit import add_audit_parser, cmd_audit
 
     add_audit_parser(sub)

@@ -80,7 +80,8 @@ def add_benchmark_parsers(sub) -> dict:
     g = p.add_argument_group("grid")
     g.add_argument("--data", default=None, help="comma-separated data sets (MedMNIST names, folders, manifests)")
     g.add_argument("--data-root", default=None, help="data root (default: $MEDPEFT_DATA)")
-    g.add_argument("--medmnist-size", type=int, default=None, choices=(28, 64, 128, 224))
+    g.add_argument("--medmnist-size", type=int, default=None, choices=(28, 64, 128, 224),
+                   help="which MedMNIST file variant to read (default 28)")
     g.add_argument("--backbones", default=None, help="comma-separated backbones")
     g.add_argument("--methods", default=None,
                    help="comma-separated methods or 'all' (every method that applies to the backbone)")
@@ -92,11 +93,12 @@ def add_benchmark_parsers(sub) -> dict:
     g.add_argument("--hpo-trials", type=int, default=None, help="trials per cell (0 = each method's defaults)")
     g.add_argument("--hpo-parallel", type=int, default=None,
                    help="trials of a cell sampled together and run side by side (Ray); default 1")
-    g.add_argument("--hpo-seed", type=int, default=None)
+    g.add_argument("--hpo-seed", type=int, default=None, help="seed of the Optuna sampler (default 0)")
     g = p.add_argument_group("training (shared by every run)")
-    g.add_argument("--epochs", type=int, default=None)
-    g.add_argument("--batch-size", type=int, default=None)
-    g.add_argument("--patience", type=int, default=None)
+    g.add_argument("--epochs", type=int, default=None, help="maximum epochs per run (default 30, or the preset's)")
+    g.add_argument("--batch-size", type=int, default=None, help="training batch size (default 32)")
+    g.add_argument("--patience", type=int, default=None,
+                   help="early-stopping patience in epochs (default 6, or the preset's)")
     g.add_argument("--device", default=None, help="auto | cpu | cuda[:N]")
     g.add_argument("--train", type=_kv, action="append", default=[], metavar="KEY=VALUE",
                    help="any other training option, e.g. --train class_weighted=true (repeatable)")
@@ -117,14 +119,16 @@ def add_benchmark_parsers(sub) -> dict:
     g.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads of the local executor (default: the cores other processes leave free, "
                         "decided when the sweep starts and kept on --resume)")
-    g.add_argument("--ray-cpus-per-trial", type=float, default=1.0)
-    g.add_argument("--ray-gpus-per-trial", type=float, default=0.0)
+    g.add_argument("--ray-cpus-per-trial", type=float, default=1.0,
+                   help="CPUs Ray reserves for each run; also its torch threads (default 1)")
+    g.add_argument("--ray-gpus-per-trial", type=float, default=0.0,
+                   help="GPUs (or a fraction of one) Ray reserves for each run (default 0)")
     g.add_argument("--ray-num-cpus", type=int, default=None, help="CPUs of the private local Ray (default: all)")
     g.add_argument("--max-jobs", type=int, default=None, help="stop after training this many jobs "
                                                               "(run a long sweep in chunks with --resume)")
     g.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     g.add_argument("--dry-run", action="store_true", help="print the grid and the number of jobs, run nothing")
-    g.add_argument("--quiet", action="store_true")
+    g.add_argument("--quiet", action="store_true", help="no progress display and no leaderboard")
 
     r = sub.add_parser("report", help="rebuild a sweep's report (tables, plots, Markdown, HTML) from its store")
     r.add_argument("dir", help="the sweep's --out folder (with results.db)")
