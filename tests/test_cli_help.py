@@ -34,5 +34,6 @@ def test_every_command_help_renders_every_option(command, capsys):
             continue
         for flag in action.option_strings:
             assert flag in out, f"'medpeft {command} --help' does not show {flag}"
-        if action.option_strings and action.dest != "help":
-            assert action.help, f"'medpeft {command}' option {action.option_strings[0]} has no help text"
+        if action.dest != "help":
+            name = action.option_strings[0] if action.option_strings else action.dest
+            assert action.help, f"'medpeft {command}' argument {name} has no help text"

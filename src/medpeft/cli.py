@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--window", default=None, help="DICOM window CENTER,WIDTH (default: each file's own)")
 
     export = sub.add_parser("export", help="write a merged, plain timm state dict (safetensors) of a trained run")
-    export.add_argument("run")
+    export.add_argument("run", help="run folder written by 'medpeft run' (or its adapter.safetensors)")
     export.add_argument("out", help="output .safetensors file")
     export.add_argument("--weights", default=None, help="backbone weights file, if the run used one")
     from .audit import add_audit_parser, cmd_audit
