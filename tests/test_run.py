@@ -70,13 +70,18 @@ def test_saved_adapter_reproduces_test_predictions(tiny_run, medmnist_root):
     assert not any("lora" in n for n, _ in merged.model.named_parameters())
 
 
-def test_best_state_is_a_copy_not_the_live_model(medmnist_root):
-    """With patience the last epochs are worse on val; the restored state must be the best epoch's."""
-    cfg = tiny_config(medmnist_root, method="full", epochs=4, lr=0.05, patience=10)
-    metrics = execute(cfg, save=False)
-    history = metrics  # best epoch recorded; its val metric must equal the final val metric
+def test_best_state_is_a_copy_not_the_live_model(medmnist_root, tmp_path):
+    """With a too-high lr later epochs get worse on val; the evaluated state must be the best epoch's."""
+    cfg = tiny_config(medmnist_root, method="full", epochs=5, lr=0.05, patience=10)
+    metrics = execute(cfg, out_dir=tmp_path)
+    history = list(csv.DictReader(open(tmp_path / "history.csv")))
+    val_auroc = [float(r["val_auroc"]) for r in history]
     best = metrics["best_epoch"]
-    assert 1 <= best <= metrics["epochs_run"]
+    assert best == 1 + int(np.argmax(val_auroc))
+    assert best < len(history), "scenario must end worse than its best epoch, else the test proves nothing"
+    # the reported validation metric is that of the restored best state, not of the last epoch
+    assert metrics["val"]["auroc"]["value"] == pytest.approx(val_auroc[best - 1], abs=1e-9)
+    assert metrics["val"]["auroc"]["value"] != pytest.approx(val_auroc[-1], abs=1e-9)
 
 
 def test_cli_run_and_predict(medmnist_root, tmp_path, capsys):
@@ -92,6 +97,40 @@ def test_cli_run_and_predict(medmnist_root, tmp_path, capsys):
     rows = list(csv.DictReader(open(tmp_path / "p.csv")))
     assert rows[0]["prediction"] in ("malignant", "normal, benign") and abs(
         float(rows[0]["p_malignant"]) + float(rows[0]["p_normal, benign"]) - 1) < 1e-5
+
+
+def test_cli_export_writes_a_plain_backbone_with_its_preprocessing(tiny_run, medmnist_root, tmp_path):
+    """The merged export loads into the bare backbone (no method modules) and predicts what the run predicts."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from medpeft.backbones import create_backbone
+
+    cfg, _, out = tiny_run
+    target = tmp_path / "merged.safetensors"
+    assert main(["export", str(out), str(target)]) == 0
+    with safe_open(str(target), framework="pt") as fh:
+        meta = fh.metadata()
+    loaded = load_run(out)
+    assert json.loads(meta["class_names"]) == loaded.class_names and meta["backbone"] == "tiny_cnn"
+    assert int(meta["image_size"]) == 32 and tuple(json.loads(meta["mean"])) == loaded.mean
+    plain, _ = create_backbone("tiny_cnn", num_classes=2, image_size=32, pretrained=False)
+    plain.load_state_dict(load_file(str(target)), strict=True)  # every key, nothing extra
+    bundle = load_data(cfg.data)
+    expected = predict_probs(loaded.model, bundle.test, loaded.mean, loaded.std, "binary")
+    got = predict_probs(plain.eval(), bundle.test, tuple(json.loads(meta["mean"])), tuple(json.loads(meta["std"])),
+                        "binary")
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_cli_export_refuses_a_method_that_cannot_merge(medmnist_root, tmp_path, capsys):
+    out = tmp_path / "adapter_run"
+    execute(RunConfig(data=DataConfig(name="breastmnist", root=str(medmnist_root), image_size=16, fraction=0.1),
+                      train=TrainConfig(epochs=1), backbone="tiny_vit", method="adapter", n_boot=20), out_dir=out)
+    code = main(["export", str(out), str(tmp_path / "x.safetensors")])
+    err = capsys.readouterr().err
+    assert code == 2 and "'adapter' cannot be merged" in err and "Traceback" not in err
+    assert not (tmp_path / "x.safetensors").exists()
 
 
 @pytest.mark.parametrize("argv, expected", [

@@ -273,8 +273,13 @@ def cmd_export(args) -> int:
 
     loaded = load_run(args.run, weights=args.weights, merge=True)
     state = {k: v.contiguous() for k, v in loaded.model.state_dict().items()}
-    save_file(state, args.out, metadata={"class_names": json.dumps(loaded.class_names), "method": loaded.method})
-    print(f"wrote merged model ({len(state)} tensors) to {args.out}")
+    # what a user of the plain model needs besides the weights: the classes and the preprocessing
+    meta = {"class_names": json.dumps(loaded.class_names), "method": loaded.method, "backbone": loaded.backbone,
+            "task": loaded.task, "image_size": str(loaded.image_size),
+            "mean": json.dumps(list(loaded.mean)), "std": json.dumps(list(loaded.std))}
+    save_file(state, args.out, metadata=meta)
+    print(f"wrote merged {loaded.backbone} ({len(state)} tensors; input {loaded.image_size} px, "
+          f"mean {tuple(round(m, 4) for m in loaded.mean)}, std {tuple(round(s, 4) for s in loaded.std)}) to {args.out}")
     return 0
 
 

@@ -228,6 +228,7 @@ class LoadedRun:
     mean: tuple
     std: tuple
     method: str
+    backbone: str
 
 
 def load_run(path: str | Path, weights: str | None = None, merge: bool = False) -> LoadedRun:
@@ -261,4 +262,4 @@ def load_run(path: str | Path, weights: str | None = None, merge: bool = False) 
         merge_methods(model)
     model.eval()
     return LoadedRun(model, json.loads(meta.get("class_names", "[]")), meta["task"], int(meta["image_size"]),
-                     tuple(json.loads(meta["mean"])), tuple(json.loads(meta["std"])), meta["method"])
+                     tuple(json.loads(meta["mean"])), tuple(json.loads(meta["std"])), meta["method"], meta["backbone"])
