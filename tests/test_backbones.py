@@ -15,6 +15,7 @@ from medpeft.backbones import (
     backbone_family,
     check_image_size,
     create_backbone,
+    default_image_size,
     is_online,
     list_backbones,
 )
@@ -245,6 +246,19 @@ def test_image_size_checks():
         create_backbone("tiny_vit", 2, 4)
     with pytest.raises(ConfigError, match="expected a positive integer"):
         create_backbone("tiny_cnn", 2, 0)
+
+
+def test_default_image_size_fits_every_backbone():
+    """No --image-size: 64 px, lowered onto a ViT's patch grid, so the default never fails the size check."""
+    from medpeft.backbones import backbone_info
+    from medpeft.run import RunConfig
+
+    assert default_image_size("efficientnet_lite0") == 64 and default_image_size("dinov2_vits14") == 56
+    assert default_image_size("vit_base_patch16_224") == 64 and default_image_size("tiny_vit") == 64
+    for name in list_backbones():
+        check_image_size(backbone_info(name), default_image_size(name))
+    assert RunConfig.from_dict({"backbone": "dinov2_vits14"}).data.image_size == 56
+    assert RunConfig.from_dict({"backbone": "dinov2_vits14", "data": {"image_size": 112}}).data.image_size == 112
 
 
 def test_no_offline_source_is_an_error_not_silent_random_weights():

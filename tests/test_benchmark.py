@@ -149,6 +149,15 @@ def test_experiment_errors_name_the_key_and_value(values, message, toy_data):
     assert message in str(err.value)
 
 
+def test_default_image_size_is_fitted_per_backbone_and_recorded(toy_data):
+    """The README's two-backbone command gives no --image-size: each backbone gets a size it accepts."""
+    exp = Experiment.from_mapping({"data": [str(toy_data)], "backbones": ["tiny_cnn", "dinov2_vits14"]}).validate()
+    assert exp.size_for("tiny_cnn") == 64 and exp.size_for("dinov2_vits14") == 56
+    assert exp.to_dict()["image_size"] == {"tiny_cnn": 64, "dinov2_vits14": 56}  # what the store and report show
+    with pytest.raises(ConfigError, match="image size 64 does not fit dinov2_vits14"):  # explicit sizes are checked
+        Experiment.from_mapping({"data": [str(toy_data)], "backbones": ["dinov2_vits14"], "image_size": 64}).validate()
+
+
 def test_yaml_file_round_trip_and_cli_error(tmp_path, toy_data, capsys):
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump({"data": str(toy_data), "backbones": "tiny_cnn", "methods": ["linear", "lora"],

@@ -52,7 +52,9 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data-root", default=None,
                    help="where MedMNIST .npz files live / root of manifest paths (default: $MEDPEFT_DATA, "
                         "else medmnist's default ~/.medmnist)")
-    g.add_argument("--image-size", type=int, default=64, help="square input size in pixels (default 64)")
+    g.add_argument("--image-size", type=int, default=None,
+                   help="square input size in pixels (default 64, lowered to a multiple of a ViT's patch size: "
+                        "56 for dinov2_vits14)")
     g.add_argument("--medmnist-size", type=int, choices=(28, 64, 128, 224), default=None,
                    help="which MedMNIST file variant to read (default 28)")
     g.add_argument("--fraction", type=_fraction, default=None,
@@ -172,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run_config_from_args(args) -> "RunConfig":
     import yaml
 
+    from .backbones import default_image_size
     from .data.base import DataConfig
     from .run import RunConfig
     from .train import TrainConfig
@@ -186,7 +189,8 @@ def run_config_from_args(args) -> "RunConfig":
             raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
         return RunConfig.from_dict(data)
     data = DataConfig(
-        name=args.data, root=args.data_root, image_size=args.image_size, medmnist_size=args.medmnist_size,
+        name=args.data, root=args.data_root, medmnist_size=args.medmnist_size,
+        image_size=args.image_size if args.image_size is not None else default_image_size(args.backbone),
         fraction=args.fraction, shots=args.shots,
         subset_seed=args.seed if args.subset_seed is None else args.subset_seed, split_seed=args.split_seed,
         val_ratio=args.val_ratio, test_ratio=args.test_ratio, mask_pattern=args.mask_pattern,

@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from . import __version__
-from .backbones import create_backbone, check_image_size
+from .backbones import backbone_info, check_image_size, create_backbone, default_image_size
 from .data import load_data, save_split
 from .data.base import DataBundle, DataConfig
 from .errors import ConfigError, DataError
@@ -58,7 +58,10 @@ class RunConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown run config keys {unknown}; expected some of {sorted(known)}")
-        data_cfg = _dataclass_from(DataConfig, data.pop("data", {}) or {}, "data")
+        data_values = dict(data.pop("data", {}) or {})
+        if data_values.get("image_size") is None:  # the default size, fitted to the backbone's patch grid
+            data_values["image_size"] = default_image_size(data.get("backbone", cls.backbone))
+        data_cfg = _dataclass_from(DataConfig, data_values, "data")
         train_cfg = _dataclass_from(TrainConfig, data.pop("train", {}) or {}, "train")
         return cls(data=data_cfg, train=train_cfg, **data)
 
@@ -125,6 +128,7 @@ def execute(cfg: RunConfig, out_dir: str | Path | None = None, bundle: DataBundl
     ``metrics["test"]`` and ``metrics["n_test"]`` are None.
     """
     started = time.perf_counter()
+    check_image_size(backbone_info(cfg.backbone), cfg.data.image_size)  # fail before loading any data
     if cfg.train.threads:
         torch.set_num_threads(int(cfg.train.threads))
     audit = None

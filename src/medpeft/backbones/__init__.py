@@ -2,14 +2,16 @@
 
 from medpeft.backbones.registry import (
     REGISTRY,
+    backbone_info,
     BackboneInfo,
     backbone_family,
     check_image_size,
     create_backbone,
+    default_image_size,
     is_online,
     list_backbones,
     read_weights_file,
 )
 
-__all__ = ["REGISTRY", "BackboneInfo", "backbone_family", "check_image_size", "create_backbone", "is_online",
+__all__ = ["REGISTRY", "BackboneInfo", "backbone_family", "backbone_info", "check_image_size", "create_backbone", "default_image_size", "is_online",
            "list_backbones", "read_weights_file"]

@@ -127,6 +127,22 @@ def backbone_family(model: nn.Module) -> str:
     return "cnn"
 
 
+DEFAULT_IMAGE_SIZE = 64  # CPU-friendly; 28 px MedMNIST upsampled about 2x
+
+
+def backbone_info(name: str) -> BackboneInfo:
+    """The backbone's family, sizes and normalisation without building it (checks the name)."""
+    return _resolve_spec(name).info(name)
+
+
+def default_image_size(name: str, preferred: int = DEFAULT_IMAGE_SIZE) -> int:
+    """``preferred`` pixels fitted to backbone ``name``: lowered to a multiple of a ViT's patch size
+    (64 -> 56 for dinov2_vits14), so the default works for every backbone; explicit sizes are checked, not changed."""
+    info = backbone_info(name)
+    size = preferred // info.patch_size * info.patch_size if info.patch_size else preferred
+    return max(size, info.min_size)
+
+
 def check_image_size(info: BackboneInfo, image_size: int) -> None:
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0:
         raise ConfigError(f"image size {image_size!r} for {info.name}: expected a positive integer")

@@ -88,7 +88,8 @@ def add_benchmark_parsers(sub) -> dict:
     g.add_argument("--fractions", default=None, help="comma-separated label fractions in (0, 1], e.g. 0.01,0.1,1.0")
     g.add_argument("--seeds", default=None, help="number of seeds (3 = seeds 0,1,2) or a comma-separated list")
     g.add_argument("--image-size", type=_image_size, default=None,
-                   help="pixels, or per backbone: efficientnet_lite0=64,dinov2_vits14=56")
+                   help="pixels, or per backbone: efficientnet_lite0=64,dinov2_vits14=56 (default 64, lowered to "
+                        "a multiple of a ViT's patch size: 56 for dinov2_vits14)")
     g = p.add_argument_group("HPO")
     g.add_argument("--hpo-trials", type=int, default=None, help="trials per cell (0 = each method's defaults)")
     g.add_argument("--hpo-parallel", type=int, default=None,

@@ -55,7 +55,7 @@ class Experiment:
     methods: list[str] = field(default_factory=lambda: ["all"])
     fractions: list[float] = field(default_factory=lambda: [1.0])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    image_size: int | dict = 64  # one size, or {backbone: size}
+    image_size: int | dict | None = None  # one size, {backbone: size}, or None: 64 px fitted to each backbone
     hpo_trials: int = 0  # 0: each method's defaults, no search
     hpo_parallel: int = 1  # trials of a cell sampled as one batch (run side by side on Ray)
     hpo_seed: int = 0
@@ -112,6 +112,8 @@ class Experiment:
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out.pop("notes")
+        if self.image_size is None:  # record the sizes the default resolved to
+            out["image_size"] = {name: self.size_for(name) for name in self.backbones}
         return out
 
     # ------------------------------------------------------------------ validation
@@ -172,6 +174,8 @@ class Experiment:
         from ..backbones import check_image_size
 
         sizes = self.image_size
+        if sizes is None:  # the default size, fitted to each backbone (cannot fail the check below)
+            sizes = {name: self.size_for(name) for name in self.backbones}
         if isinstance(sizes, dict):
             extra = sorted(set(sizes) - set(self.backbones))
             missing = [b for b in self.backbones if b not in sizes]
@@ -219,6 +223,10 @@ class Experiment:
     # ------------------------------------------------------------------ expansion
 
     def size_for(self, backbone: str) -> int:
+        if self.image_size is None:
+            from ..backbones import default_image_size
+
+            return default_image_size(backbone)
         return int(self.image_size[backbone] if isinstance(self.image_size, dict) else self.image_size)
 
     def cells(self) -> list[Cell]:
@@ -263,10 +271,9 @@ class Experiment:
 
 
 def backbone_info(name: str):
-    """The backbone's family, sizes and normalisation without building it (checks the name)."""
-    from ..backbones import registry
+    from ..backbones import backbone_info as info
 
-    return registry._resolve_spec(name).info(name)
+    return info(name)
 
 
 def _names(value, key: str, where: str) -> list[str]:
