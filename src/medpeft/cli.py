@@ -174,7 +174,6 @@ def build_parser() -> argparse.ArgumentParser:
 def run_config_from_args(args) -> "RunConfig":
     import yaml
 
-    from .backbones import default_image_size
     from .data.base import DataConfig
     from .run import RunConfig
     from .train import TrainConfig
@@ -190,7 +189,7 @@ def run_config_from_args(args) -> "RunConfig":
         return RunConfig.from_dict(data)
     data = DataConfig(
         name=args.data, root=args.data_root, medmnist_size=args.medmnist_size,
-        image_size=args.image_size if args.image_size is not None else default_image_size(args.backbone),
+        image_size=args.image_size,  # None: RunConfig fits the default size to the backbone
         fraction=args.fraction, shots=args.shots,
         subset_seed=args.seed if args.subset_seed is None else args.subset_seed, split_seed=args.split_seed,
         val_ratio=args.val_ratio, test_ratio=args.test_ratio, mask_pattern=args.mask_pattern,
@@ -277,12 +276,9 @@ def cmd_export(args) -> int:
 
     loaded = load_run(args.run, weights=args.weights, merge=True)
     state = {k: v.contiguous() for k, v in loaded.model.state_dict().items()}
-    # what a user of the plain model needs besides the weights: the classes and the preprocessing
-    meta = {"class_names": json.dumps(loaded.class_names), "method": loaded.method, "backbone": loaded.backbone,
-            "task": loaded.task, "image_size": str(loaded.image_size),
-            "mean": json.dumps(list(loaded.mean)), "std": json.dumps(list(loaded.std))}
-    save_file(state, args.out, metadata=meta)
-    print(f"wrote merged {loaded.backbone} ({len(state)} tensors; input {loaded.image_size} px, "
+    # the adapter's metadata travels along: classes and preprocessing (backbone, image size, mean/std)
+    save_file(state, args.out, metadata=loaded.metadata)
+    print(f"wrote merged {loaded.metadata['backbone']} ({len(state)} tensors; input {loaded.image_size} px, "
           f"mean {tuple(round(m, 4) for m in loaded.mean)}, std {tuple(round(s, 4) for s in loaded.std)}) to {args.out}")
     return 0
 

@@ -48,6 +48,10 @@ class RunConfig:
     method_options: dict = field(default_factory=dict)  # {"lora_rank": 8, ...}
     n_boot: int = 1000  # bootstrap resamples for the CIs
 
+    def __post_init__(self):
+        if self.data.image_size is None:  # the default size, fitted to the backbone's patch grid
+            self.data.image_size = default_image_size(self.backbone)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -58,9 +62,7 @@ class RunConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown run config keys {unknown}; expected some of {sorted(known)}")
-        data_values = dict(data.pop("data", {}) or {})
-        if data_values.get("image_size") is None:  # the default size, fitted to the backbone's patch grid
-            data_values["image_size"] = default_image_size(data.get("backbone", cls.backbone))
+        data_values = {"image_size": None, **(data.pop("data", {}) or {})}  # None: resolved by __post_init__
         data_cfg = _dataclass_from(DataConfig, data_values, "data")
         train_cfg = _dataclass_from(TrainConfig, data.pop("train", {}) or {}, "train")
         return cls(data=data_cfg, train=train_cfg, **data)
@@ -232,7 +234,7 @@ class LoadedRun:
     mean: tuple
     std: tuple
     method: str
-    backbone: str
+    metadata: dict  # the adapter file's metadata: backbone, classes, task, image size, mean/std, ...
 
 
 def load_run(path: str | Path, weights: str | None = None, merge: bool = False) -> LoadedRun:
@@ -266,4 +268,4 @@ def load_run(path: str | Path, weights: str | None = None, merge: bool = False) 
         merge_methods(model)
     model.eval()
     return LoadedRun(model, json.loads(meta.get("class_names", "[]")), meta["task"], int(meta["image_size"]),
-                     tuple(json.loads(meta["mean"])), tuple(json.loads(meta["std"])), meta["method"], meta["backbone"])
+                     tuple(json.loads(meta["mean"])), tuple(json.loads(meta["std"])), meta["method"], meta)

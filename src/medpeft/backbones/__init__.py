@@ -2,9 +2,9 @@
 
 from medpeft.backbones.registry import (
     REGISTRY,
-    backbone_info,
     BackboneInfo,
     backbone_family,
+    backbone_info,
     check_image_size,
     create_backbone,
     default_image_size,
@@ -13,5 +13,5 @@ from medpeft.backbones.registry import (
     read_weights_file,
 )
 
-__all__ = ["REGISTRY", "BackboneInfo", "backbone_family", "backbone_info", "check_image_size", "create_backbone", "default_image_size", "is_online",
-           "list_backbones", "read_weights_file"]
+__all__ = ["REGISTRY", "BackboneInfo", "backbone_family", "backbone_info", "check_image_size", "create_backbone",
+           "default_image_size", "is_online", "list_backbones", "read_weights_file"]

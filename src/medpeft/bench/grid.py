@@ -171,7 +171,7 @@ class Experiment:
             raise ConfigError(f"{where}: train: {err}") from None
 
     def _check_backbones_and_sizes(self, where: str) -> None:
-        from ..backbones import check_image_size
+        from ..backbones import backbone_info, check_image_size
 
         sizes = self.image_size
         if sizes is None:  # the default size, fitted to each backbone (cannot fail the check below)
@@ -235,6 +235,7 @@ class Experiment:
         ``all`` expands to every registered method that applies to the backbone's family; any method
         that does not apply is skipped with a note in ``self.notes``.
         """
+        from ..backbones import backbone_info
         from ..methods import get_method, list_methods, parse_method
 
         cells, notes = [], []
@@ -268,12 +269,6 @@ class Experiment:
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def backbone_info(name: str):
-    from ..backbones import backbone_info as info
-
-    return info(name)
 
 
 def _names(value, key: str, where: str) -> list[str]:

@@ -139,7 +139,7 @@ class PruningReporter:
         self.study = _study(history, pruner=make_pruner(settings))
         self.trial = self.study.ask()
         self.intermediate: dict[int, float] = {}  # reported unit -> validation score
-        self.best_score = float("nan")  # over every epoch, reported or not
+        self.best_score = -math.inf  # over every epoch, reported or not
 
     def unit(self, epoch: int, row: dict) -> int:
         total = row.get("epochs_total")
@@ -149,8 +149,8 @@ class PruningReporter:
 
     def __call__(self, epoch: int, row: dict) -> None:
         score = monitor_score(row, self.monitor)
-        if not math.isnan(score) and not score <= self.best_score:
-            self.best_score = score
+        if not math.isnan(score):
+            self.best_score = max(self.best_score, score)
         unit = self.unit(epoch, row)
         if unit < 1 or unit in self.intermediate:
             return

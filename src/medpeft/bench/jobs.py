@@ -173,8 +173,7 @@ def run_job(job: dict, cache: BundleCache | None = None) -> dict:
             out["intermediate"] = dict(reporter.intermediate)
             out["system_attrs"] = reporter.system_attrs()
             if out["outcome"] == "pruned":
-                best = reporter.best_score
-                out["value"] = None if math.isnan(best) else best
+                out["value"] = reporter.best_score if math.isfinite(reporter.best_score) else None
     except Exception as err:  # noqa: BLE001 - one failing run must not end the sweep
         out.update(status="failed", outcome=None, error=f"{type(err).__name__}: {err}\n"
                                                         + "".join(traceback.format_exc(limit=6)))
