@@ -18,6 +18,7 @@ from medpeft.backbones import (
     default_image_size,
     is_online,
     list_backbones,
+    resolution_warning,
 )
 from medpeft.backbones import offline
 from medpeft.errors import ConfigError
@@ -249,16 +250,69 @@ def test_image_size_checks():
 
 
 def test_default_image_size_fits_every_backbone():
-    """No --image-size: 64 px, lowered onto a ViT's patch grid, so the default never fails the size check."""
+    """No --image-size: >= 64 px with an adequate grid (8x8 ViT tokens, 2x2 CNN map), on a ViT's patch grid."""
     from medpeft.backbones import backbone_info
     from medpeft.run import RunConfig
 
-    assert default_image_size("efficientnet_lite0") == 64 and default_image_size("dinov2_vits14") == 56
-    assert default_image_size("vit_base_patch16_224") == 64 and default_image_size("tiny_vit") == 64
+    assert default_image_size("efficientnet_lite0") == 64 and default_image_size("dinov2_vits14") == 112
+    assert default_image_size("vit_base_patch16_224") == 128 and default_image_size("tiny_vit") == 64
+    assert default_image_size("tiny_cnn") == 64 and default_image_size("tf_efficientnet_lite2") == 64
+    assert default_image_size("dinov2_vits14", preferred=64) == 56  # an explicit preference: fitted, not raised
     for name in list_backbones():
-        check_image_size(backbone_info(name), default_image_size(name))
-    assert RunConfig.from_dict({"backbone": "dinov2_vits14"}).data.image_size == 56
-    assert RunConfig.from_dict({"backbone": "dinov2_vits14", "data": {"image_size": 112}}).data.image_size == 112
+        info = backbone_info(name)
+        check_image_size(info, default_image_size(name))
+        assert resolution_warning(info, default_image_size(name)) is None, name
+    assert RunConfig.from_dict({"backbone": "dinov2_vits14"}).data.image_size == 112
+    # explicit sizes are kept, even coarse ones (they only get a warning)
+    assert RunConfig.from_dict({"backbone": "dinov2_vits14", "data": {"image_size": 28}}).data.image_size == 28
+
+
+@pytest.mark.parametrize("name, size, grid, needed", [
+    ("dinov2_vits14", 28, "2x2 patch tokens", 112),  # the committed ViT study's size
+    ("dinov2_vits14", 56, "4x4 patch tokens", 112),  # the old default
+    ("dinov2_vits14", 98, "7x7 patch tokens", 112),
+    ("vit_small_patch16_224", 64, "4x4 patch tokens", 128),
+    ("efficientnet_lite0", 32, "a 1x1 final feature map (total stride 32", 64),  # the committed CNN study's size
+    ("tf_efficientnet_lite1", 32, "a 1x1 final feature map (total stride 32", 64),  # any timm CNN: feature_info
+    ("tiny_cnn", 8, "a 1x1 final feature map (total stride 8", 16),
+])
+def test_resolution_warning_names_backbone_size_grid_and_fix(name, size, grid, needed):
+    from medpeft.backbones import backbone_info
+
+    message = resolution_warning(backbone_info(name), size)
+    assert message is not None
+    assert f"image size {size} px gives {name} only {grid}" in message
+    assert f"{needed} px is the smallest size" in message
+
+
+@pytest.mark.parametrize("name, size", [("dinov2_vits14", 112), ("dinov2_vits14", 224), ("efficientnet_lite0", 64),
+                                        ("efficientnet_lite0", 48), ("vit_small_patch16_224", 128),
+                                        ("tiny_cnn", 32), ("tiny_vit", 32)])
+def test_no_resolution_warning_at_adequate_sizes(name, size):
+    from medpeft.backbones import backbone_info
+
+    assert resolution_warning(backbone_info(name), size) is None
+
+
+def test_resolution_warning_without_known_stride_is_silent():
+    cnn = BackboneInfo("x", "x", "cnn", (0.5,) * 3, (0.5,) * 3, 224, None, 32)  # reduction unknown
+    assert resolution_warning(cnn, 32) is None
+    vit = BackboneInfo("v", "v", "vit", (0.5,) * 3, (0.5,) * 3, 224, 14, 14)  # falls back to the patch size
+    assert "4x4 patch tokens" in resolution_warning(vit, 56)
+
+
+def test_reduction_matches_timm_and_the_real_feature_map():
+    """The registry's CNN strides agree with timm's feature_info and with an actual forward pass."""
+    for name in list_backbones():
+        with torch.device("meta"):  # shapes only
+            model, info = create_backbone(name, 2, 224, pretrained=False)
+        assert info.reduction == model.feature_info[-1]["reduction"], name
+        if info.family == "cnn":
+            for size in (32, 33, 48, 64, 65):
+                with torch.device("meta"):
+                    model, info = create_backbone(name, 2, size, pretrained=False)
+                    features = model.eval().forward_features(torch.empty(1, 3, size, size))
+                assert features.shape[-2:] == (info.grid(size),) * 2, (name, size)
 
 
 def test_no_offline_source_is_an_error_not_silent_random_weights():

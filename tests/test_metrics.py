@@ -66,7 +66,7 @@ def sklearn_binary(y, p1, pred):
     return {
         "acc": accuracy_score(y, pred),
         "balanced_acc": balanced_accuracy_score(y, pred),
-        "f1": f1_score(y, pred, average="macro"),
+        "f1": f1_score(y, pred, pos_label=1),  # the positive class's F1 (default positive: class 1)
         "sensitivity": recall_score(y, pred, pos_label=1),
         "specificity": recall_score(y, pred, pos_label=0),
         "auroc": roc_auc_score(y, p1),
@@ -188,7 +188,7 @@ def test_binary_single_class_gives_nan_not_error():
     assert math.isnan(got["auroc"]) and math.isnan(got["sensitivity"])
     assert got["specificity"] == pytest.approx(recall_score(y, p > 0.5, pos_label=0))
     assert got["balanced_acc"] == got["specificity"]  # mean over the classes present
-    assert got["f1"] == pytest.approx(f1_score(y, p > 0.5, average="macro"))
+    assert got["f1"] == pytest.approx(f1_score(y, p > 0.5, pos_label=1))  # positive absent, predicted: F1 0
     ci = metrics_with_ci(y, p, "binary", n_boot=50)
     assert math.isnan(ci["auroc"]["value"]) and math.isnan(ci["auroc"]["low"]) and math.isnan(ci["auroc"]["high"])
     assert ci["acc"]["low"] <= ci["acc"]["value"] <= ci["acc"]["high"]

@@ -9,6 +9,8 @@ Inputs
 * ``"binary"``: ``y_true`` [N] (or [N, 1]) in {0, 1}; ``scores`` [N, 2] class probabilities,
   or [N] (or [N, 1]) probability of class 1, which is treated as the [N, 2] matrix
   ``[1 - p, p]``. Prediction = argmax, ties -> class 0 (so a [N] score predicts 1 iff p > 0.5).
+  ``positive`` (0 or 1, default 1) is the index of the clinically positive class: on
+  BreastMNIST class 0 is "malignant", so ``positive=0`` there (see ``resolve_positive_class``).
 * ``"multiclass"``: ``y_true`` [N] (or [N, 1]) in {0..K-1}; ``scores`` [N, K] probabilities.
   Prediction = argmax (ties -> lowest class index).
 * ``"multilabel"``: ``y_true`` [N, L] 0/1; ``scores`` [N, L] probabilities.
@@ -30,13 +32,14 @@ acc          fraction correct         fraction correct                mean over 
 balanced_acc mean recall of the       mean per-class recall           mean over labels of per-label
              classes present          (classes present in y_true)     balanced acc (mean of recall
                                                                       and specificity, present ones)
-f1           MACRO F1 over classes    macro F1 over classes           macro F1 over labels
-             0 and 1 (not the F1 of
-             class 1 alone)
-sensitivity  recall of class 1        macro per-class recall          macro per-label recall
+f1           F1 of ``positive`` (the  macro F1 over classes           macro F1 over labels
+             clinical finding's F1)
+sensitivity  recall of ``positive``   macro per-class recall          macro per-label recall
                                       (= balanced_acc)
-specificity  recall of class 0        macro one-vs-rest specificity   macro per-label specificity
-auroc        from the class-1 score   one-vs-rest macro AUROC         macro AUROC over labels
+specificity  recall of the other      macro one-vs-rest specificity   macro per-label specificity
+             class
+auroc        from the positive        one-vs-rest macro AUROC         macro AUROC over labels
+             class's score
 ============ ======================== =============================== =============================
 
 AUROC is the Mann-Whitney statistic P(score_pos > score_neg) + 0.5 P(equal), i.e. the rank
@@ -84,6 +87,7 @@ class _Prepared:
     predicted: np.ndarray  # bool [N, U]: sample is predicted positive for unit u
     auc_scores: np.ndarray  # float [N, A]: score column used for AUROC of each AUROC unit
     auc_target: np.ndarray  # bool [N, A]
+    positive: int = 1  # binary: index of the positive class (sensitivity, AUROC score column)
 
     @property
     def n(self) -> int:
@@ -148,9 +152,19 @@ def _check_range(y: np.ndarray, n_classes: int, what: str) -> None:
         raise DataError(f"y_true contains label(s) {values} out of range; expected {what}")
 
 
-def _prepare(y_true, scores, task: str) -> _Prepared:
+def _check_positive(positive, task: str) -> int:
+    """The positive class index for a binary task (None -> 1); ignored (1) for other tasks."""
+    if task != "binary" or positive is None:
+        return 1
+    if isinstance(positive, bool) or not isinstance(positive, (int, np.integer)) or positive not in (0, 1):
+        raise ConfigError(f"positive={positive!r}; expected 0 or 1 (index of the positive class of a binary task)")
+    return int(positive)
+
+
+def _prepare(y_true, scores, task: str, positive: int | None = 1) -> _Prepared:
     if task not in TASKS:
         raise unknown_name("task", str(task), TASKS)
+    positive = _check_positive(positive, task)
     y = _as_labels(y_true)
     s = _as_scores(scores)
     if y.ndim == 0 or y.shape[0] == 0:
@@ -172,7 +186,10 @@ def _prepare(y_true, scores, task: str) -> _Prepared:
             raise DataError(f"scores has shape {s.shape}; for task 'binary' expected [N, 2] or [N] (P(class 1))")
         target = np.eye(2, dtype=bool)[y]
         predicted = np.eye(2, dtype=bool)[np.argmax(s, axis=1)]
-        return _Prepared(task, target, predicted, s[:, 1:2], target[:, 1:2])
+        # AUROC is symmetric (AUROC of class 0's score vs class 0 = that of class 1 vs class 1 for
+        # [N, 2] probabilities summing to 1), but use the positive class's column explicitly
+        col = slice(positive, positive + 1)
+        return _Prepared(task, target, predicted, s[:, col], target[:, col], positive)
 
     if task == "multiclass":
         y = _flat_labels(y, task)
@@ -261,14 +278,14 @@ def _metrics_from_weights(p: _Prepared, weights: np.ndarray) -> dict[str, np.nda
     acc = tp.sum(axis=1) / n[:, 0]
     balanced = _mean_defined(recall)
     if p.task == "binary":
-        # Class-1 one-vs-rest specificity equals the recall of class 0.
-        sensitivity, spec = recall[:, 1], recall[:, 0]
+        # The positive class's one-vs-rest specificity equals the recall of the other class.
+        sensitivity, spec, f1_score = recall[:, p.positive], recall[:, 1 - p.positive], f1[:, p.positive]
     else:
-        sensitivity, spec = balanced, _mean_defined(specificity)
+        sensitivity, spec, f1_score = balanced, _mean_defined(specificity), _mean_defined(f1)
     return {
         "acc": acc,
         "balanced_acc": balanced,
-        "f1": _mean_defined(f1),
+        "f1": f1_score,
         "sensitivity": sensitivity,
         "specificity": spec,
         "auroc": auroc,
@@ -278,9 +295,13 @@ def _metrics_from_weights(p: _Prepared, weights: np.ndarray) -> dict[str, np.nda
 # ----------------------------------------------------------------------------- public API
 
 
-def compute_metrics(y_true, scores, task: str) -> dict[str, float]:
-    """All ``METRIC_NAMES`` for one prediction set; undefined values are NaN (see module doc)."""
-    p = _prepare(y_true, scores, task)
+def compute_metrics(y_true, scores, task: str, positive: int | None = 1) -> dict[str, float]:
+    """All ``METRIC_NAMES`` for one prediction set; undefined values are NaN (see module doc).
+
+    ``positive``: index (0 or 1) of the positive class of a binary task (None means 1); it sets
+    which class's recall is sensitivity and whose score gives AUROC. Ignored for other tasks.
+    """
+    p = _prepare(y_true, scores, task, positive)
     values = _metrics_from_weights(p, np.ones((1, p.n)))
     return {name: float(values[name][0]) for name in METRIC_NAMES}
 
@@ -315,7 +336,8 @@ def _bootstrap_distribution(p: _Prepared, n_boot: int, seed: int) -> dict[str, n
 
 
 def metrics_with_ci(
-    y_true, scores, task: str, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05
+    y_true, scores, task: str, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05,
+    positive: int | None = 1,
 ) -> dict[str, dict]:
     """Point estimates plus percentile-bootstrap ``1 - alpha`` intervals.
 
@@ -323,10 +345,10 @@ def metrics_with_ci(
     Resamples where a metric is undefined are dropped for that metric; if the point value is
     undefined, or no resample is defined, the interval is NaN. Same inputs and seed give
     identical intervals. The percentile interval usually, but not provably always, contains
-    the point estimate.
+    the point estimate. ``positive`` as in ``compute_metrics``.
     """
     _check_boot_options(n_boot, alpha)
-    p = _prepare(y_true, scores, task)
+    p = _prepare(y_true, scores, task, positive)
     point = _metrics_from_weights(p, np.ones((1, p.n)))
     boot = _bootstrap_distribution(p, int(n_boot), seed)
     out: dict[str, dict] = {}
@@ -339,3 +361,49 @@ def metrics_with_ci(
             low, high = (float(q) for q in np.quantile(dist, [alpha / 2, 1 - alpha / 2]))
         out[name] = {"value": value, "low": low, "high": high}
     return out
+
+
+# ----------------------------------------------------------------------------- positive class
+
+
+def resolve_positive_class(class_names: list[str], task: str, requested: str | None,
+                           default: str | int | None) -> int | None:
+    """Index of the positive class of a binary task, or None for other tasks.
+
+    ``requested`` (the user's choice, e.g. ``--positive-class malignant``) wins over ``default``
+    (the data set's clinical default, e.g. ``clinical_positive_class("breastmnist")``). Either
+    may be a class name (case-insensitive exact match; a name beats an index, so a class named
+    "0" is found by name) or an index, as an int or a digit string. With neither, the positive
+    class is index 1 (the second class: for image folders and manifests, the second class name in
+    sorted order), as before positive classes were configurable.
+
+    ConfigError: an unknown name or index (the message lists the class names), or a requested
+    positive class for a multiclass/multilabel task (sensitivity is macro-averaged there).
+    """
+    names = [str(n) for n in class_names]
+    if task != "binary":
+        if requested is not None:
+            raise ConfigError(f"positive class {requested!r} was given, but the task is {task} with "
+                              f"{len(names)} classes; a positive class applies to binary tasks only")
+        return None
+    if len(names) != 2:
+        raise ConfigError(f"a binary task needs 2 class names, got {len(names)}: {names}")
+    value, origin = (requested, "positive class") if requested is not None else (default, "default positive class")
+    if value is None:
+        return 1
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        index = int(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        matches = [i for i, n in enumerate(names) if n.strip().lower() == text.lower()] if text else []
+        exact = [i for i in matches if names[i].strip() == text]
+        if len(matches) == 1 or len(exact) == 1:
+            return (exact or matches)[0]
+        index = int(text) if text.isdigit() else None
+    else:
+        index = None
+    if index in (0, 1):
+        return index
+    choices = ", ".join(f"{i}={n!r}" for i, n in enumerate(names))
+    raise ConfigError(f"{origin} {value!r} is not a class of this data set; expected one of the class names "
+                      f"or indices: {choices}")

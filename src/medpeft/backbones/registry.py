@@ -36,6 +36,10 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 HALF = (0.5, 0.5, 0.5)
 CNN_MIN_SIZE = 32  # five stride-2 stages need at least this many pixels
+# Below these grids a backbone sees too little spatial detail to be worth pretraining: a ViT with
+# 2x2 tokens, or a CNN whose last stage is a single pixel, is mostly padding and position bias.
+VIT_MIN_TOKENS = 8  # per side: 8x8 patch tokens
+CNN_MIN_MAP = 2  # per side: 2x2 final feature map
 
 
 @dataclass
@@ -50,6 +54,20 @@ class BackboneInfo:
     min_size: int  # smallest accepted image size
     weights_source: str = "random"  # "file:<path>", "hub", "offline:<package>", "random"
     weights_sha256: str | None = None
+    # total stride of the final feature map: the patch size for a ViT, 32 for EfficientNet/ResNet
+    # (timm's feature_info[-1]["reduction"]); None: unknown (no resolution warning for a CNN)
+    reduction: int | None = None
+
+    def grid(self, image_size: int) -> int | None:
+        """Tokens (ViT) or final feature-map pixels (CNN) per side at ``image_size``; None if unknown.
+
+        Stride-2 convolutions and pools with "same"-style padding give ceil(size / stride) per stage,
+        so ceil(size / reduction) overall; a ViT's patch embedding drops a partial patch.
+        """
+        stride = self.reduction or self.patch_size
+        if not stride:
+            return None
+        return image_size // stride if self.family == "vit" else -(-image_size // stride)
 
 
 @dataclass(frozen=True)
@@ -64,10 +82,11 @@ class BackboneSpec:
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
     builder: Callable[..., nn.Module] | None = None  # instead of timm.create_model(timm_name)
     random_only: bool = False  # test backbones: never pretrained
+    reduction: int | None = None  # CNN total stride (a test checks it against timm's feature_info)
 
     def info(self, name: str) -> BackboneInfo:
         return BackboneInfo(name, self.timm_name, self.family, self.mean, self.std, self.native_size,
-                            self.patch_size, self.min_size)
+                            self.patch_size, self.min_size, reduction=self.reduction or self.patch_size)
 
 
 def _build_tiny_vit(**kwargs) -> nn.Module:
@@ -95,20 +114,20 @@ def _build_tiny_cnn(**kwargs) -> nn.Module:
 
 REGISTRY: dict[str, BackboneSpec] = {
     # offline default CNN (ImageNet-1k supervised); offline default ViT (DINOv2-derived ViT-S/14)
-    "efficientnet_lite0": BackboneSpec("tf_efficientnet_lite0", "cnn", HALF, HALF, 224),
+    "efficientnet_lite0": BackboneSpec("tf_efficientnet_lite0", "cnn", HALF, HALF, 224, reduction=32),
     # native 224: DINOv2 trained mostly at 224 (518 only at the end); any multiple of 14 works
     "dinov2_vits14": BackboneSpec("vit_small_patch14_dinov2", "vit", IMAGENET_MEAN, IMAGENET_STD, 224,
                                   patch_size=14, min_size=14),
     # online (hub) or --weights only
-    "resnet18": BackboneSpec("resnet18", "cnn", IMAGENET_MEAN, IMAGENET_STD, 224),
-    "resnet50": BackboneSpec("resnet50", "cnn", IMAGENET_MEAN, IMAGENET_STD, 224),
+    "resnet18": BackboneSpec("resnet18", "cnn", IMAGENET_MEAN, IMAGENET_STD, 224, reduction=32),
+    "resnet50": BackboneSpec("resnet50", "cnn", IMAGENET_MEAN, IMAGENET_STD, 224, reduction=32),
     "vit_base_patch16_224": BackboneSpec("vit_base_patch16_224", "vit", HALF, HALF, 224, patch_size=16, min_size=16),
     "vit_small_patch16_224": BackboneSpec("vit_small_patch16_224", "vit", HALF, HALF, 224, patch_size=16, min_size=16),
     # tiny random-weight backbones for fast tests of everything built on top
     "tiny_vit": BackboneSpec("VisionTransformer", "vit", IMAGENET_MEAN, IMAGENET_STD, 32, patch_size=4,
                              min_size=8, builder=_build_tiny_vit, random_only=True),
     "tiny_cnn": BackboneSpec("EfficientNet", "cnn", IMAGENET_MEAN, IMAGENET_STD, 32,
-                             builder=_build_tiny_cnn, random_only=True),
+                             builder=_build_tiny_cnn, random_only=True, reduction=8),
 }
 
 
@@ -127,7 +146,7 @@ def backbone_family(model: nn.Module) -> str:
     return "cnn"
 
 
-DEFAULT_IMAGE_SIZE = 64  # CPU-friendly; 28 px MedMNIST upsampled about 2x
+DEFAULT_IMAGE_SIZE = 64  # CPU-friendly floor; 28 px MedMNIST upsampled about 2x
 
 
 def backbone_info(name: str) -> BackboneInfo:
@@ -135,12 +154,60 @@ def backbone_info(name: str) -> BackboneInfo:
     return _resolve_spec(name).info(name)
 
 
-def default_image_size(name: str, preferred: int = DEFAULT_IMAGE_SIZE) -> int:
-    """``preferred`` pixels fitted to backbone ``name``: lowered to a multiple of a ViT's patch size
-    (64 -> 56 for dinov2_vits14), so the default works for every backbone; explicit sizes are checked, not changed."""
+def _smallest_adequate_size(info: BackboneInfo) -> int | None:
+    """Smallest image size reaching the grid threshold (8x8 tokens / 2x2 map of whole cells)."""
+    stride = info.reduction or info.patch_size
+    if not stride:
+        return None
+    return stride * (VIT_MIN_TOKENS if info.family == "vit" else CNN_MIN_MAP)
+
+
+def default_image_size(name: str, preferred: int | None = None) -> int:
+    """The image size used when none is given, per backbone.
+
+    Without ``preferred``: the smallest size that is at least ``DEFAULT_IMAGE_SIZE`` (64) and gives
+    the backbone an adequate grid (``resolution_warning`` stays silent): a ViT gets the smallest
+    multiple of its patch size with >= 8x8 tokens (112 for dinov2_vits14, 128 for patch-16 ViTs);
+    a CNN with total stride 32 keeps 64 px (a 2x2 final map). With ``preferred``: that size, lowered
+    to a multiple of a ViT's patch size (the old rule). Explicit sizes are checked, never changed.
+    """
     info = backbone_info(name)
+    if preferred is None:
+        return _default_size(info)
     size = preferred // info.patch_size * info.patch_size if info.patch_size else preferred
     return max(size, info.min_size)
+
+
+def _default_size(info: BackboneInfo) -> int:
+    size = max(DEFAULT_IMAGE_SIZE, _smallest_adequate_size(info) or 0)
+    if info.patch_size:  # round up onto the patch grid
+        size = -(-size // info.patch_size) * info.patch_size
+    return max(size, info.min_size)
+
+
+def resolution_warning(info: BackboneInfo, image_size: int) -> str | None:
+    """A message when ``image_size`` gives backbone ``info`` too coarse a grid, else None.
+
+    Too coarse: a ViT with fewer than 8x8 patch tokens, or a CNN whose final feature map is below
+    2x2. The size itself is still allowed (``check_image_size`` decides that); this is advice, e.g.
+    for ``warnings.warn`` before training. None also when the backbone's stride is unknown.
+    """
+    grid = info.grid(image_size)
+    if grid is None:
+        return None
+    if info.family == "vit":
+        if grid >= VIT_MIN_TOKENS:
+            return None
+        what = f"{grid}x{grid} patch tokens (patch size {info.patch_size}; fewer than {VIT_MIN_TOKENS}x{VIT_MIN_TOKENS})"
+        reach = f"{VIT_MIN_TOKENS}x{VIT_MIN_TOKENS} tokens"
+    else:
+        if grid >= CNN_MIN_MAP:
+            return None
+        what = f"a {grid}x{grid} final feature map (total stride {info.reduction}; below {CNN_MIN_MAP}x{CNN_MIN_MAP})"
+        reach = f"a {CNN_MIN_MAP}x{CNN_MIN_MAP} map of whole {info.reduction}-px cells"
+    return (f"image size {image_size} px gives {info.name} only {what}: too little spatial detail, so scores "
+            f"likely understate the backbone. {_smallest_adequate_size(info)} px is the smallest size giving {reach} "
+            f"(the default image size for {info.name} is {_default_size(info)} px)")
 
 
 def check_image_size(info: BackboneInfo, image_size: int) -> None:
@@ -214,7 +281,15 @@ def _resolve_spec(name: str) -> BackboneSpec:
     return BackboneSpec(
         name, family, tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD)),
         int(cfg.get("input_size", (3, 224, 224))[-1]), patch_size=patch,
-        min_size=(patch or 1) if family == "vit" else CNN_MIN_SIZE)
+        min_size=(patch or 1) if family == "vit" else CNN_MIN_SIZE, reduction=_final_reduction(probe))
+
+
+def _final_reduction(model: nn.Module) -> int | None:
+    """Total stride of the model's last feature map from timm's feature_info, if it has one."""
+    try:
+        return int(model.feature_info[-1]["reduction"])
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+        return None
 
 
 def _build(name: str, spec: BackboneSpec, num_classes: int, image_size: int, in_chans: int,

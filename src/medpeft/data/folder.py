@@ -2,6 +2,10 @@
 
 Classes are the sorted sub-folder names; files matching ``mask_pattern`` (segmentation masks
 such as BUSI's ``*_mask.png``) and non-image files are skipped.
+
+Positive class (binary folders): there is no clinical default, so without ``--positive-class``
+it is index 1, the second sub-folder name in sorted order (``benign``/``malignant`` happens to
+give ``malignant``; ``malignant``/``normal`` would give ``normal``: name it explicitly).
 """
 from __future__ import annotations
 

@@ -2,6 +2,9 @@
 
 Paths are relative to the manifest's folder, or to ``cfg.root`` when given, and must stay
 inside that root: ``..``, absolute paths elsewhere and symlinks pointing out are refused.
+
+Positive class (binary manifests): there is no clinical default, so without ``--positive-class``
+it is index 1, the second class name in the manifest's class order; name it explicitly.
 """
 from __future__ import annotations
 

@@ -11,10 +11,27 @@ from medpeft.data.base import DataBundle, DataConfig, ImageSet
 from medpeft.data.io import is_online, resize_images
 from medpeft.data.splits import SPLITS, split_info_for
 from medpeft.errors import ConfigError, DataError
+from medpeft.metrics import resolve_positive_class
 
 MEDMNIST_SIZES = (28, 64, 128, 224)
 _TASKS = {"binary-class": "binary", "multi-class": "multiclass",
           "multi-label, binary-class": "multilabel", "ordinal-regression": "multiclass"}
+
+
+# The clinically positive class (the finding a screen must not miss) of the binary 2D sets,
+# spelled exactly as in medmnist.INFO[flag]["label"]. BreastMNIST's class 1 is "normal, benign",
+# so index 1 (the generic default) would make "sensitivity" the recall of healthy cases.
+# No other 2D MedMNIST set is binary; the binary 3D sets are not loaded by medpeft.
+_CLINICAL_POSITIVE = {
+    "breastmnist": "malignant",  # {0: "malignant", 1: "normal, benign"}
+    "pneumoniamnist": "pneumonia",  # {0: "normal", 1: "pneumonia"}
+}
+
+
+def clinical_positive_class(flag: str) -> str | None:
+    """Name of the clinically positive class of MedMNIST set ``flag``, or None where there is
+    none (multiclass/multilabel sets) or it is not unambiguous."""
+    return _CLINICAL_POSITIVE.get(str(flag).lower())
 
 
 def _info() -> dict:
@@ -77,6 +94,13 @@ def load_medmnist(flag: str, cfg: DataConfig) -> DataBundle:
     info_all = _info()
     flag = flag.lower()
     info = info_all[flag]
+    task = _TASKS.get(info["task"])
+    if task is None:  # pragma: no cover - future medmnist task types
+        raise DataError(f"{flag}: unsupported MedMNIST task {info['task']!r}")
+    class_names = [info["label"][k] for k in sorted(info["label"], key=int)]
+    # resolved before any file is read, so a typo in --positive-class fails at once
+    positive = resolve_positive_class(class_names, task, cfg.positive_class,
+                                      clinical_positive_class(flag))
     size = _check_size(cfg.medmnist_size)
     root = os.path.expanduser(cfg.root) if cfg.root else default_data_root()
     path = expected_path(flag, root, size)
@@ -89,20 +113,16 @@ def load_medmnist(flag: str, cfg: DataConfig) -> DataBundle:
                             f"Download {url} to that path, or point --data-root (or $MEDPEFT_DATA) "
                             f"at the folder holding {file_name(flag, size)}")
     splits = _read_npz(path)
-    task = _TASKS.get(info["task"])
-    if task is None:  # pragma: no cover - future medmnist task types
-        raise DataError(f"{flag}: unsupported MedMNIST task {info['task']!r}")
     sets = {}
     for split in SPLITS:
         images, labels = splits[split]
         sets[split] = ImageSet(images=_to_tensor(images, cfg.image_size),
                                labels=_labels(labels, task, path, split),
                                ids=[f"{split}/{i}" for i in range(len(labels))])
-    class_names = [info["label"][k] for k in sorted(info["label"], key=int)]
     split_info = split_info_for("official", sets["train"], sets["val"], sets["test"], seed=None,
                                 source="medmnist", file=path, medmnist_size=size)
     return DataBundle(name=flag, task=task, class_names=class_names, train=sets["train"],
-                      val=sets["val"], test=sets["test"], split_info=split_info)
+                      val=sets["val"], test=sets["test"], split_info=split_info, positive_class=positive)
 
 
 def _read_npz(path: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
