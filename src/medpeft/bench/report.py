@@ -1,13 +1,20 @@
 """The sweep report: which method wins, per data set x backbone x label fraction, at what cost.
 
-From the final runs (one per seed) in the store:
+From the final runs (one per seed) in the store, per cell (data set, backbone, label fraction):
 
-- a table of methods x fractions: test metric mean +- std and 95% CI over seeds (Student t),
-  trainable %, train time, peak memory, adapter size;
-- the difference to full fine-tuning with a paired test over seeds (``stats.paired_test``:
-  the same seeds of both methods, i.e. the same label subsets);
-- a ranking per fraction;
+- test metric mean +- std and 95% CI over seeds (Student t), trainable %, train time, peak
+  memory, adapter size; the seeds (and label-subset seeds) run;
+- the difference to full fine-tuning with a paired t-test over seeds (``stats.paired_test``: the
+  same seeds of both methods, i.e. the same label subsets), Holm-adjusted within the cell,
+  Benjamini-Hochberg q across the whole sweep, a TOST equivalence test within +-margin and a
+  verdict (better / worse / equivalent / inconclusive, from the Holm p);
+- how many seeds would detect the margin (paired t power from the observed noise);
+- the best method chosen on validation (never on test), with its test score;
+- the labels used (train and selection) and whether selection saw the full validation split;
+- the HPO choice with its validation and test scores and the trial counts;
+- a convergence note when most runs of a method peaked at their last epoch;
 - plots: metric vs label fraction per method; metric vs trainable % with the Pareto front;
+  validation learning curves (monitored metric vs optimizer step);
 - ``report.md``, a self-contained ``report.html`` (plots embedded), ``summary.csv``, ``runs.csv``.
 
 Everything is written to ``<out>/report/`` and rebuilt from the store by ``medpeft report <out>``.
@@ -18,14 +25,21 @@ import base64
 import html
 import math
 import re
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..stats import mean_std_ci, paired_test
+from ..errors import ConfigError
+from ..stats import (benjamini_hochberg, detectable_difference, holm, mean_std_ci, paired_test, seeds_needed,
+                     tost_paired, verdict)
 from .store import Store, export
 
-BASELINE = "full"
+BASELINE = "full"  # the reference every method is compared with
+# never counted as PEFT: full fine-tuning, the linear probe and partial fine-tuning
+BASELINES = ("full", "linear", "partial")
 ALPHA = 0.05
+DEFAULT_MARGIN = 0.02  # equivalence margin on the metric's scale (experiment meta "margin" overrides)
+POWER = 0.8
 
 
 @dataclass
@@ -70,8 +84,17 @@ def _p(p) -> str:
 # ---------------------------------------------------------------------- data
 
 
+def _selection(metrics: dict) -> dict:
+    """How the run chose its epoch/state: labels used and whether the full validation split was read."""
+    sel = metrics.get("selection")
+    if not isinstance(sel, dict):  # older stores: only the validation size is known
+        return {"val_labels": None, "mode": None, "n_selection_labels": metrics.get("n_val")}
+    return {"val_labels": sel.get("val_labels"), "mode": sel.get("mode"),
+            "n_selection_labels": sel.get("n_selection_labels", metrics.get("n_val"))}
+
+
 def final_runs(store: Store, metric: str):
-    """One row per finished final run: cell, seed, test metric, costs."""
+    """One row per finished final run: cell, seed, test metric, validation score, costs, labels, curve."""
     import pandas as pd
 
     records = []
@@ -84,66 +107,168 @@ def final_runs(store: Store, metric: str):
         value = test.get("value")
         params = metrics.get("params") or {}
         gpu = metrics.get("peak_gpu_mb")
+        selection = _selection(metrics)
+        subset_seed = metrics.get("subset_seed", (metrics.get("split") or {}).get("subset_seed"))
         records.append({
             "data": row["data"], "backbone": row["backbone"], "method": row["method"],
             "fraction": float(row["fraction"]), "seed": int(row["seed"]),
             "value": float("nan") if value is None else float(value),
-            "val": row["value"], "trainable": params.get("trainable"), "trainable_pct": params.get("trainable_pct"),
+            # the store's value: the run's best validation score of the monitored metric (selection)
+            "val": float("nan") if row["value"] is None else float(row["value"]),
+            "trainable": params.get("trainable"), "trainable_pct": params.get("trainable_pct"),
             "train_seconds": metrics.get("train_seconds"),
             "peak_mb": gpu if gpu is not None else metrics.get("peak_rss_delta_mb"),
             "peak_kind": "GPU" if gpu is not None else "RSS",
             "adapter_bytes": metrics.get("adapter_bytes"), "n_train": metrics.get("n_train"),
+            "n_val": metrics.get("n_val"), "n_selection": selection["n_selection_labels"],
+            "val_labels": selection["val_labels"], "selection_mode": selection["mode"],
+            "subset_seed": subset_seed, "monitor": metrics.get("monitor"),
             "params": row.get("params") or {}, "best_epoch": metrics.get("best_epoch"),
+            "best_is_last": metrics.get("best_is_last"), "curve": metrics.get("curve"),
         })
     return pd.DataFrame.from_records(records)
 
 
-def summarize(runs) -> list[dict]:
-    """Per (data, backbone, method, fraction): mean/std/CI over seeds, costs, delta to full, rank."""
+def _known(values) -> list:
+    """The distinct non-missing values, in order of appearance."""
+    out = []
+    for v in values:
+        if v is None or (isinstance(v, float) and math.isnan(v)) or v in out:
+            continue
+        out.append(v)
+    return out
+
+
+def _one(values):
+    """The value all runs agree on (an int for counts), a "a/b" string if they differ, None if unknown."""
+    known = _known(values)
+    known = [int(v) if isinstance(v, float) and v.is_integer() else v for v in known]
+    if not known:
+        return None
+    return known[0] if len(known) == 1 else "/".join(str(v) for v in known)
+
+
+def summarize(runs, margin: float = DEFAULT_MARGIN, alpha: float = ALPHA, lower_val_is_better: bool = False) -> list[dict]:
+    """Per (data, backbone, method, fraction): mean/std/CI over seeds, costs, labels, comparison to full.
+
+    The comparison to full fine-tuning (same seeds) gives the raw paired t p (``p_t``), the Holm p
+    within the cell (``p_holm``: the family is every method compared with full in that cell), the
+    BH q over every comparison of the sweep (``q_bh``), the TOST p within +-margin (``tost_p``) and
+    the ``verdict``. ``rank`` orders by test mean (descriptive only); ``val_best`` marks the method
+    a reader would pick: the highest mean validation score (lowest when the monitor is the loss).
+    """
     out = []
     if runs.empty:
         return out
+    nan = float("nan")
     for (data, backbone, method, fraction), group in runs.groupby(["data", "backbone", "method", "fraction"], sort=False):
         values = [v for v in group["value"] if v == v]
-        stats = mean_std_ci(values) if values else {"mean": float("nan"), "std": float("nan"),
-                                                     "low": float("nan"), "high": float("nan"), "n": 0}
+        stats = mean_std_ci(values) if values else {"mean": nan, "std": nan, "low": nan, "high": nan, "n": 0}
         # every metric here lies in [0, 1]: the t interval is clipped to it
         low, high = (max(stats["low"], 0.0), min(stats["high"], 1.0)) if stats["n"] > 1 else (stats["low"], stats["high"])
+        vals = [v for v in group["val"] if v == v]
+        last = [bool(b) for b in group["best_is_last"] if b is not None and b == b]
         row = {"data": data, "backbone": backbone, "method": method, "fraction": fraction,
                "n": stats["n"], "mean": stats["mean"], "std": stats["std"], "low": low, "high": high,
+               "val_mean": sum(vals) / len(vals) if vals else nan,
+               "val_std": mean_std_ci(vals)["std"] if vals else nan,
                "trainable_pct": group["trainable_pct"].mean(), "trainable": group["trainable"].mean(),
                "train_seconds": group["train_seconds"].mean(), "peak_mb": group["peak_mb"].mean(),
                "peak_kind": group["peak_kind"].iloc[0], "adapter_bytes": group["adapter_bytes"].mean(),
-               "n_train": group["n_train"].iloc[0], "params": group["params"].iloc[0],
-               "seeds": sorted(group["seed"].tolist())}
+               "n_train": _one(group["n_train"]), "n_val": _one(group["n_val"]),
+               "n_selection": _one(group["n_selection"]), "val_labels": _one(group["val_labels"]),
+               "selection_mode": _one(group["selection_mode"]),
+               "optimistic": "full" in _known(group["val_labels"]),
+               # runs whose best validation epoch was the last one (None: not recorded by this store)
+               "best_is_last": sum(last) if last else None, "n_runs": len(group),
+               "params": group["params"].iloc[0], "seeds": sorted(group["seed"].tolist()),
+               "subset_seeds": sorted(int(s) for s in _known(group["subset_seed"])), "val_best": False}
         base = runs[(runs.data == data) & (runs.backbone == backbone) & (runs.fraction == fraction)
                     & (runs.method == BASELINE)]
-        row.update(delta=None, delta_low=None, delta_high=None, p_t=None, p_w=None, n_pairs=0)
+        row.update(delta=None, delta_low=None, delta_high=None, sd_diff=None, p_t=None, p_w=None, n_pairs=0,
+                   tost_p=None, p_holm=None, q_bh=None, verdict="reference" if method == BASELINE else "-")
         if method != BASELINE and not base.empty:
             ours = group.set_index("seed")["value"]
             theirs = base.set_index("seed")["value"]
             seeds = sorted(s for s in set(ours.index) & set(theirs.index) if ours[s] == ours[s] and theirs[s] == theirs[s])
             if seeds:
-                test = paired_test([ours[s] for s in seeds], [theirs[s] for s in seeds])
+                a, b = [ours[s] for s in seeds], [theirs[s] for s in seeds]
+                test = paired_test(a, b)
                 row.update(delta=test["mean_diff"], delta_low=test["diff_low"], delta_high=test["diff_high"],
-                           p_t=test["t_pvalue"], p_w=test["wilcoxon_pvalue"], n_pairs=test["n"])
+                           sd_diff=None if test["std_diff"] != test["std_diff"] else test["std_diff"],
+                           p_t=test["t_pvalue"], p_w=test["wilcoxon_pvalue"], n_pairs=test["n"],
+                           tost_p=tost_paired(a, b, margin, alpha)["p"])
         out.append(row)
-    # rank per (data, backbone, fraction): 1 = best mean test metric
-    groups: dict = {}
-    for row in out:
-        groups.setdefault((row["data"], row["backbone"], row["fraction"]), []).append(row)
-    for rows in groups.values():
+    compared = [r for r in out if r["method"] != BASELINE]
+    for r, q in zip(compared, benjamini_hochberg([r["p_t"] for r in compared])):
+        r["q_bh"] = q  # across every comparison of the sweep
+    for rows in _cells(out).values():
+        family = [r for r in rows if r["method"] != BASELINE]
+        for r, p in zip(family, holm([r["p_t"] for r in family])):
+            r["p_holm"] = p  # within the cell: the methods compared with full there
+            if r["n_pairs"]:
+                r["verdict"] = verdict(r["delta"], p, r["tost_p"], alpha)
+        # rank 1 = best mean test metric: a description, never the basis of a choice
         ordered = sorted(rows, key=lambda r: -r["mean"] if r["mean"] == r["mean"] else math.inf)
         for rank, row in enumerate(ordered, 1):
             row["rank"] = rank
+        best = _val_best(rows, lower_val_is_better)
+        if best is not None:
+            best["val_best"] = True
+    return out
+
+
+def _cells(summary: list[dict]) -> dict:
+    """{(data, backbone, fraction): rows} in order of appearance."""
+    cells: dict = {}
+    for row in summary:
+        cells.setdefault((row["data"], row["backbone"], row["fraction"]), []).append(row)
+    return cells
+
+
+def _val_best(rows: list[dict], lower_is_better: bool = False) -> dict | None:
+    """The method chosen on validation: the best mean validation score of its final runs."""
+    scored = [r for r in rows if r["val_mean"] == r["val_mean"]]
+    if not scored:
+        return None
+    return (min if lower_is_better else max)(scored, key=lambda r: r["val_mean"])
+
+
+def cell_summaries(summary: list[dict], margin: float = DEFAULT_MARGIN, alpha: float = ALPHA,
+                   power: float = POWER) -> list[dict]:
+    """Per cell: the method chosen on validation, the labels used and the seed count the noise calls for.
+
+    The noise is the median SD of the paired differences to full fine-tuning over the cell's
+    methods; ``seeds_needed`` detects the margin with ``power``; ``mdd`` is the smallest
+    difference the seeds actually run detect (both per comparison, before the Holm adjustment).
+    """
+    out = []
+    for (data, backbone, fraction), rows in _cells(summary).items():
+        sds = [r["sd_diff"] for r in rows if r["sd_diff"] is not None]
+        sd = statistics.median(sds) if sds else None
+        n = max((r["n_pairs"] for r in rows), default=0)
+        best = next((r for r in rows if r["val_best"]), None)
+        out.append({
+            "data": data, "backbone": backbone, "fraction": fraction, "sd_diff": sd, "n_sd": len(sds),
+            "n_seeds": n, "seeds_needed": None if sd is None else seeds_needed(sd, margin, alpha, power),
+            "mdd": None if sd is None or n < 2 else detectable_difference(sd, n, alpha, power),
+            "val_best": None if best is None else best["method"],
+            "val_best_val": None if best is None else best["val_mean"],
+            "val_best_test": None if best is None else best["mean"],
+            "n_train": _one(r["n_train"] for r in rows), "n_val": _one(r["n_val"] for r in rows),
+            "n_selection": _one(r["n_selection"] for r in rows),
+            "val_labels": _one(r["val_labels"] for r in rows), "selection_mode": _one(r["selection_mode"] for r in rows),
+            "optimistic": any(r["optimistic"] for r in rows),
+            "seeds": sorted({s for r in rows for s in r["seeds"]}),
+            "subset_seeds": sorted({s for r in rows for s in r["subset_seeds"]}),
+        })
     return out
 
 
 def significance(row) -> str:
-    if row.get("delta") is None:
-        return ""
-    p = row["p_t"]
-    return "*" if p is not None and p < ALPHA else ""
+    """"*" when the Holm-adjusted paired t p is below alpha (never the raw p)."""
+    p = row.get("p_holm")
+    return "*" if row.get("delta") is not None and p is not None and p < ALPHA else ""
 
 
 # ---------------------------------------------------------------------- plots
@@ -217,6 +342,54 @@ def _plots(summary: list[dict], out: Path, metric: str) -> dict:
     return files
 
 
+def _curve_plots(runs, out: Path, monitor: str) -> dict:
+    """One PNG per (data, backbone, fraction): validation score vs optimizer step, each seed thin,
+    the mean over seeds thick (on the steps every seed reached). Cells without curves get none."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    out.mkdir(parents=True, exist_ok=True)
+    files: dict = {}
+    if runs.empty:
+        return files
+    for (data, backbone, fraction), cell in runs.groupby(["data", "backbone", "fraction"], sort=False):
+        curves: dict = {}
+        for method, curve in zip(cell["method"], cell["curve"]):
+            pts = np.asarray([p for p in (curve or []) if len(p) == 2 and p[1] is not None], dtype=float)
+            pts = pts[np.isfinite(pts).all(axis=1)] if pts.size else pts
+            if len(pts):
+                curves.setdefault(method, []).append(pts[np.argsort(pts[:, 0])])
+        if not curves:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        for i, (method, seeds) in enumerate(curves.items()):
+            color = "black" if method == BASELINE else colors[i % len(colors)]
+            for pts in seeds:
+                ax.plot(pts[:, 0], pts[:, 1], color=color, alpha=0.25, linewidth=0.8)
+            lo, hi = max(p[0, 0] for p in seeds), min(p[-1, 0] for p in seeds)
+            grid = np.unique(np.concatenate([p[:, 0] for p in seeds]))
+            grid = grid[(grid >= lo) & (grid <= hi)]
+            if len(grid):
+                mean = np.mean([np.interp(grid, p[:, 0], p[:, 1]) for p in seeds], axis=0)
+                ax.plot(grid, mean, color=color, linewidth=2.2, marker="o" if len(grid) == 1 else None,
+                        label=f"{method} (n={len(seeds)})")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("validation " + ("-loss" if monitor == "loss" else monitor) + " (thin: seeds, thick: mean)")
+        ax.set_title(f"{label(data)} - {backbone} - fraction {fraction:g}: learning curves")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, ncol=2)
+        fig.tight_layout()
+        path = out / _safe(f"{label(data)}_{backbone}_f{fraction:g}_learning_curves.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        files[(data, backbone, fraction)] = path
+    return files
+
+
 def pareto_front(rows: list[dict]) -> list[dict]:
     """Rows no other row beats on both axes (fewer trainable % and a higher metric, one strictly)."""
     front = []
@@ -242,61 +415,166 @@ def _settings_lines(experiment: dict | None) -> list[str]:
                                                            if experiment.get("medmnist_size") else ""),
         f"backbones: {', '.join(experiment.get('backbones', []))}; image size {size}",
         f"label fractions: {', '.join(f'{f:g}' for f in experiment.get('fractions', []))}; "
-        f"seeds: {', '.join(str(s) for s in experiment.get('seeds', []))} (seed = training seed and label-subset seed)",
-        f"HPO: {experiment.get('hpo_trials', 0)} trial(s) per cell (Optuna TPE, seed {experiment.get('hpo_seed', 0)}; "
-        f"successive halving from epoch {experiment.get('prune_min_epochs')}, reduction factor "
-        f"{experiment.get('prune_reduction_factor')}); chosen on validation only, then trained once per seed"
-        if experiment.get("hpo_trials") else "HPO: none (each method's default learning rate and options)",
+        f"seeds: {', '.join(str(s) for s in experiment.get('seeds', []))} (the seed drives head initialisation, data "
+        "order, augmentation and dropout; below fraction 1 it also draws the label subset)",
+        _hpo_line(experiment),
+        "selection labels: " + ("every validation label (the literature's protocol: optimistic)"
+                                if experiment.get("val_labels") == "full" else
+                                "the validation split subsampled with the training labels' fraction rule"
+                                if experiment.get("val_labels") == "follow" else "the whole validation split"),
         "training: " + (", ".join(f"{k}={v}" for k, v in sorted(train.items())) or "medpeft defaults")
         + " (early stopping on validation; the best state is tested once)",
     ]
 
 
-def _conclusion(summary: list[dict], metric: str) -> list[str]:
-    """Plain sentences: does PEFT beat full fine-tuning at each fraction?"""
+def _hpo_line(experiment: dict) -> str:
+    trials = experiment.get("hpo_trials", 0)
+    if not trials:
+        return "HPO: none (each method's default learning rate and options)"
+    line = f"HPO: {trials} trial(s) per cell (Optuna TPE, seed {experiment.get('hpo_seed', 0)}, trial 0 = the defaults; "
+    if experiment.get("hpo_prune", True):  # stores before the protocol always pruned
+        line += (f"successive halving from epoch {experiment.get('prune_min_epochs')}, reduction factor "
+                 f"{experiment.get('prune_reduction_factor')}: the budget is trials started, pruned ones included")
+    else:
+        line += "no pruning: every method completes the same number of trials"
+    subsets = experiment.get("hpo_subsets")
+    if subsets and subsets > 1:
+        line += f"; below fraction 1 a trial's objective is the mean over {subsets} label subsets"
+    return line + "); chosen on validation only, then trained once per seed"
+
+
+def _conclusion(summary: list[dict], cells: list[dict], metric: str, margin: float,
+                lower_val_is_better: bool = False) -> list[str]:
+    """Plain sentences per cell: does PEFT beat full fine-tuning (Holm-adjusted verdicts)?"""
     lines = []
-    keys = list(dict.fromkeys((r["data"], r["backbone"], r["fraction"]) for r in summary))
-    for data, backbone, fraction in keys:
-        rows = [r for r in summary if (r["data"], r["backbone"], r["fraction"]) == (data, backbone, fraction)]
+    info = {(c["data"], c["backbone"], c["fraction"]): c for c in cells}
+    for key, rows in _cells(summary).items():
+        data, backbone, fraction = key
         base = next((r for r in rows if r["method"] == BASELINE), None)
-        peft = [r for r in rows if r["method"] not in (BASELINE, "linear") and r["mean"] == r["mean"]]
+        peft = [r for r in rows if r["method"] not in BASELINES and r["mean"] == r["mean"]]
         if base is None or not peft:
             continue
-        best = max(peft, key=lambda r: r["mean"])
+        by = {v: [r["method"] for r in peft if r["verdict"] == v] for v in ("better", "equivalent", "worse", "inconclusive")}
         above = [r for r in peft if r["mean"] > base["mean"]]
-        sig = [r["method"] for r in above if significance(r)]
-        worse_sig = [r["method"] for r in peft if r["mean"] < base["mean"] and significance(r)]
-        lines.append(
-            f"{label(data)} / {backbone} / fraction {fraction:g}: {len(above)} of {len(peft)} PEFT methods beat full "
-            f"fine-tuning ({metric} {_num(base['mean'])}); best {best['method']} {_num(best['mean'])} "
-            f"(delta {_num(best['delta'])}, paired t p={_p(best['p_t'])}, n={best['n_pairs']})"
-            + (f"; significantly better (p<{ALPHA}): {', '.join(sig)}" if sig else "; none significantly better")
-            + (f"; significantly worse: {', '.join(worse_sig)}" if worse_sig else ""))
+        chosen = _val_best(peft, lower_val_is_better)
+        n = max(r["n_pairs"] for r in peft)
+        text = (f"{label(data)} / {backbone} / fraction {fraction:g}: {len(peft)} PEFT method(s) vs full fine-tuning "
+                f"({metric} {_num(base['mean'])}; paired t over {n} seed(s), Holm-adjusted within the cell, "
+                f"TOST margin +-{margin:g}): better: {', '.join(by['better']) or 'none'}; "
+                f"equivalent: {', '.join(by['equivalent']) or 'none'}; worse: {', '.join(by['worse']) or 'none'}; "
+                f"inconclusive: {', '.join(by['inconclusive']) or 'none'}. "
+                f"{len(above)} of {len(peft)} have a higher test mean (descriptive).")
+        if chosen is not None:
+            text += (f" Best PEFT method on validation: {chosen['method']} (validation {_num(chosen['val_mean'])}, "
+                     f"test {_num(chosen['mean'])}, delta {_num(chosen['delta'])}, Holm p={_p(chosen['p_holm'])}, "
+                     f"{chosen['verdict']}).")
+        if info[key]["optimistic"]:
+            text += " " + OPTIMISTIC
+        lines.append(text)
     return lines
 
 
-def _blocks(summary, runs, store: Store, plots: dict, metric: str, notes: list[str]) -> list[Block]:
+OPTIMISTIC = "Optimistic: selection used the full validation split."
+
+
+def _labels_line(cell: dict) -> str:
+    """Labels the cell's runs saw: for training, and for selection (early stopping / HPO)."""
+    val_labels, mode = cell["val_labels"], cell["selection_mode"]
+    if val_labels is None and mode is None:
+        policy = (f"{_int(cell['n_val'])} validation images; selection policy unknown (the store predates "
+                  "its recording)")
+    else:
+        policy = {"follow": "validation labels follow the label budget",
+                  "full": "the full validation split"}.get(val_labels, f"validation labels: {val_labels or 'unknown'}")
+        if mode and str(mode).startswith("cv:"):
+            policy = f"{mode.split(':', 1)[1]}-fold cross-validation inside the labelled training subset"
+        policy += f" (mode {mode or 'unknown'})"
+    text = f"Labels used: {_int(cell['n_train'])} train labels; {_int(cell['n_selection'])} selection labels ({policy})."
+    if cell["optimistic"]:
+        text += " " + OPTIMISTIC + " The numbers of this cell overstate what the label budget allows."
+    return text
+
+
+def _seeds_line(cell: dict, margin: float) -> str:
+    seeds = ", ".join(str(s) for s in cell["seeds"]) or "-"
+    text = f"Seeds: {len(cell['seeds'])} ({seeds})"
+    if cell["subset_seeds"]:
+        text += f"; label-subset seeds {', '.join(str(s) for s in cell['subset_seeds'])}"
+    text += ". "
+    if cell["sd_diff"] is None:
+        return text + ("Too few paired seeds (or no full fine-tuning runs) to estimate the noise of a comparison: "
+                       "run at least 2 seeds per method.")
+    text += (f"SD of the paired differences to full fine-tuning: {_num(cell['sd_diff'])} (median over "
+             f"{cell['n_sd']} method(s)). ")
+    if cell["mdd"] is not None and cell["sd_diff"] > 0:
+        text += (f"With {cell['n_seeds']} seeds a paired t-test (alpha {ALPHA}, before the Holm adjustment) detects "
+                 f"a difference of {_num(cell['mdd'])} with {POWER:.0%} power; ")
+    if cell["sd_diff"] == 0:
+        text += "the differences show no spread, so the seeds needed cannot be estimated."
+    elif cell["seeds_needed"] is None:
+        text += f"detecting the margin {margin:g} would need more than 10000 seeds."
+    else:
+        text += f"detecting the margin {margin:g} needs {cell['seeds_needed']} seeds."
+    return text
+
+
+def _int(x) -> str:
+    return "-" if x is None else str(x)
+
+
+def _convergence_notes(rows: list[dict]) -> list[str]:
+    """Methods whose best validation epoch was the last one in more than half their runs."""
+    notes = []
+    for r in rows:
+        if r["best_is_last"] is not None and r["best_is_last"] * 2 > r["n_runs"]:
+            notes.append(f"{r['method']}: the best validation epoch was the last epoch in {r['best_is_last']} of "
+                         f"{r['n_runs']} runs; training may not have converged (a longer schedule could change "
+                         "its numbers).")
+    return notes
+
+
+def _trial_counts(trials: list[dict]) -> str:
+    counts = {"completed": 0, "pruned": 0, "failed": 0}
+    for t in trials:
+        if t["status"] == "failed":
+            counts["failed"] += 1
+        elif t["status"] == "done":
+            counts["pruned" if t["outcome"] == "pruned" else "completed"] += 1
+    return " / ".join(str(counts[k]) for k in ("completed", "pruned", "failed"))
+
+
+def _blocks(summary, cells, store: Store, plots: dict, metric: str, notes: list[str], margin: float,
+            n_runs: int, lower_val_is_better: bool = False) -> list[Block]:
     experiment = store.get_meta("experiment")
+    monitor = ((experiment or {}).get("train") or {}).get("monitor", "auroc")
     sweep_notes = store.get_meta("notes") or []
     blocks = [Block("h1", "medpeft benchmark report")]
     blocks.append(Block("list", rows=_settings_lines(experiment)))
     failed = store.rows(status="failed")
     running = store.rows(status="running")
-    counts = f"{len(runs)} final runs done"
+    counts = f"{n_runs} final runs done"
     if failed:
         counts += f", {len(failed)} failed (see runs.csv)"
     if running:
         counts += f", {len(running)} unfinished (resume the sweep with --resume)"
     blocks.append(Block("p", f"Metric: test {metric}; mean +- std and 95% CI over seeds (Student t, clipped to [0, 1]). {counts}. "
-                              f"Delta = method minus full fine-tuning on the same seeds (paired t-test; "
-                              f"* p < {ALPHA}). Peak memory: GPU peak allocation on a GPU, else the process's "
-                              f"resident memory above its level at the start of the run."))
+                              f"Delta = method minus full fine-tuning on the same seeds (paired t-test). "
+                              f"p Holm: adjusted within each data set x backbone x fraction cell; q BH: "
+                              f"Benjamini-Hochberg over every comparison of the sweep; * Holm p < {ALPHA}. "
+                              f"TOST: two one-sided paired t-tests for a difference within +-{margin:g}. "
+                              f"Verdict (from the Holm p): better / worse when significant (even inside the margin), "
+                              f"equivalent when TOST p < {ALPHA}, else inconclusive. The best method of a cell is "
+                              f"chosen on validation ({monitor}, mean over its final runs), never on test; ranks by "
+                              f"test mean are descriptive. Full, linear and partial are baselines, not PEFT. "
+                              f"Peak memory: GPU peak allocation on a GPU, else the process's resident memory above "
+                              f"its level at the start of the run."))
     for note in list(sweep_notes) + list(notes):
         blocks.append(Block("p", f"Note: {note}"))
-    conclusion = _conclusion(summary, metric)
+    conclusion = _conclusion(summary, cells, metric, margin, lower_val_is_better)
     if conclusion:
         blocks.append(Block("h2", "Does PEFT beat full fine-tuning?"))
         blocks.append(Block("list", rows=conclusion))
+    info = {(c["data"], c["backbone"], c["fraction"]): c for c in cells}
     pairs = list(dict.fromkeys((r["data"], r["backbone"]) for r in summary))
     trials = store.rows(kind="trial")
     for data, backbone in pairs:
@@ -308,59 +586,69 @@ def _blocks(summary, runs, store: Store, plots: dict, metric: str, notes: list[s
         header = ["method"] + [f"f={f:g}" for f in fractions] + ["trainable %"]
         table = []
         for method in methods:
-            cells = [method]
+            cells_ = [method]
             for f in fractions:
                 r = next((r for r in rows if r["method"] == method and r["fraction"] == f), None)
-                cells.append("-" if r is None else f"{_num(r['mean'], 3)} +- {_num(r['std'], 3)}"
-                             + (f" ({r['rank']})" if r.get("rank") else "") + significance(r))
+                cells_.append("-" if r is None else f"{_num(r['mean'], 3)} +- {_num(r['std'], 3)}"
+                              + (f" ({r['rank']})" if r.get("rank") else "") + significance(r))
             pct = next((r["trainable_pct"] for r in rows if r["method"] == method), None)
-            cells.append(_num(pct, 3))
-            table.append(cells)
-        blocks.append(Block("h3", f"Test {metric}: methods x label fractions (rank in brackets)"))
+            cells_.append(_num(pct, 3))
+            table.append(cells_)
+        blocks.append(Block("h3", f"Test {metric}: methods x label fractions (rank by test mean in brackets, "
+                                  f"descriptive; * Holm p < {ALPHA} vs full)"))
         blocks.append(Block("table", header=header, rows=table))
-        # the full table
-        header = ["fraction", "rank", "method", f"{metric} mean +- std", "95% CI", "delta vs full (95% CI)",
-                  "p (t / Wilcoxon)", "seeds", "trainable %", "train s", "peak MB", "adapter"]
-        table = []
-        for f in fractions:
-            for r in sorted((r for r in rows if r["fraction"] == f), key=lambda r: r.get("rank", 99)):
-                delta = "-" if r["delta"] is None else (
-                    f"{r['delta']:+.4f} [{_num(r['delta_low'])}, {_num(r['delta_high'])}]{significance(r)}")
-                table.append([f"{f:g}", str(r.get("rank", "")), r["method"], f"{_num(r['mean'])} +- {_num(r['std'])}",
-                              f"[{_num(r['low'])}, {_num(r['high'])}]", delta,
-                              "-" if r["delta"] is None else f"{_p(r['p_t'])} / {_p(r['p_w'])}", str(r["n"]),
-                              _num(r["trainable_pct"], 3), _num(r["train_seconds"], 1),
-                              f"{_num(r['peak_mb'], 0)} ({r['peak_kind']})", _size(r["adapter_bytes"])])
-        blocks.append(Block("h3", "All numbers"))
-        blocks.append(Block("table", header=header, rows=table))
-        # ranking per fraction
-        ranking = [f"fraction {f:g}: " + " > ".join(
-            r["method"] for r in sorted((r for r in rows if r["fraction"] == f), key=lambda r: r.get("rank", 99)))
-            for f in fractions]
-        blocks.append(Block("h3", "Ranking per fraction"))
-        blocks.append(Block("list", rows=ranking))
-        # what HPO chose
-        hpo_rows = []
-        for r in rows:
-            cell_trials = [t for t in trials if t["data"] == data and t["backbone"] == backbone
-                           and t["method"] == r["method"] and t["fraction"] == r["fraction"]]
-            states = {}
-            for t in cell_trials:
-                state = t["outcome"] if t["status"] == "done" else t["status"]
-                states[state] = states.get(state, 0) + 1
-            chosen = ", ".join(f"{k}={_short(v)}" for k, v in sorted((r["params"] or {}).items())) or "defaults"
-            hpo_rows.append([f"{r['fraction']:g}", r["method"], chosen,
-                             ", ".join(f"{n} {s}" for s, n in sorted(states.items())) or "-",
-                             _num(sum(t["seconds"] or 0 for t in cell_trials), 0), str(r["n_train"])])
-        blocks.append(Block("h3", "Chosen hyper-parameters (validation only)"))
-        blocks.append(Block("table", header=["fraction", "method", "chosen", "trials", "HPO s", "n train"],
-                            rows=hpo_rows))
         entry = plots.get((data, backbone), {})
         if entry.get("fraction"):
             blocks.append(Block("img", text=f"{metric} vs label fraction", path=entry["fraction"]))
-        for f, path in sorted(entry.get("pareto", {}).items()):
-            blocks.append(Block("img", text=f"{metric} vs trainable % at fraction {f:g} (Pareto front in red)",
-                                path=path))
+        for f in fractions:
+            cell = info[(data, backbone, f)]
+            frows = sorted((r for r in rows if r["fraction"] == f), key=lambda r: r.get("rank", 99))
+            blocks.append(Block("h3", f"{label(data)} - {backbone} - fraction {f:g}"))
+            if cell["val_best"] is not None:
+                blocks.append(Block("p", f"Best method chosen on validation: {cell['val_best']} (validation "
+                                         f"{monitor} {_num(cell['val_best_val'])}; its test {metric} "
+                                         f"{_num(cell['val_best_test'])})."
+                                         + (" " + OPTIMISTIC if cell["optimistic"] else "")))
+            blocks.append(Block("p", _labels_line(cell)))
+            blocks.append(Block("p", _seeds_line(cell, margin)))
+            for note in _convergence_notes(frows):
+                blocks.append(Block("p", f"Note: {note}"))
+            header = ["rank by test mean, descriptive", "method", f"test {metric} mean +- std", "95% CI",
+                      f"val {monitor}", "delta vs full (95% CI)", "p t (raw)", "p Holm", "q BH", "TOST p", "verdict",
+                      "seeds", "best = last epoch", "trainable %", "train s", "peak MB", "adapter"]
+            table = []
+            for r in frows:
+                delta = "-" if r["delta"] is None else (
+                    f"{r['delta']:+.4f} [{_num(r['delta_low'])}, {_num(r['delta_high'])}]{significance(r)}")
+                table.append([str(r.get("rank", "")), r["method"] + (" (chosen on val)" if r["val_best"] else ""),
+                              f"{_num(r['mean'])} +- {_num(r['std'])}", f"[{_num(r['low'])}, {_num(r['high'])}]",
+                              _num(r["val_mean"]), delta, _p(r["p_t"]) if r["delta"] is not None else "-",
+                              _p(r["p_holm"]) if r["delta"] is not None else "-",
+                              _p(r["q_bh"]) if r["delta"] is not None else "-",
+                              _p(r["tost_p"]) if r["delta"] is not None else "-", r["verdict"],
+                              ", ".join(str(s) for s in r["seeds"]),
+                              "-" if r["best_is_last"] is None else f"{r['best_is_last']}/{r['n_runs']}",
+                              _num(r["trainable_pct"], 3), _num(r["train_seconds"], 1),
+                              f"{_num(r['peak_mb'], 0)} ({r['peak_kind']})", _size(r["adapter_bytes"])])
+            blocks.append(Block("table", header=header, rows=table))
+            # what HPO chose, on validation only; its test score next to it for the reader
+            hpo_rows = []
+            for r in frows:
+                cell_trials = [t for t in trials if t["data"] == data and t["backbone"] == backbone
+                               and t["method"] == r["method"] and t["fraction"] == r["fraction"]]
+                chosen = ", ".join(f"{k}={_short(v)}" for k, v in sorted((r["params"] or {}).items())) or "defaults"
+                hpo_rows.append([r["method"], chosen, _num(r["val_mean"]), _num(r["mean"]), _trial_counts(cell_trials),
+                                 _num(sum(t["seconds"] or 0 for t in cell_trials), 0)])
+            blocks.append(Block("h3", f"HPO at fraction {f:g}: chosen configuration (on validation only)"))
+            blocks.append(Block("table", header=["method", "chosen", f"val {monitor} (mean of finals)",
+                                                 f"test {metric} (mean of finals)",
+                                                 "trials completed / pruned / failed", "HPO s"], rows=hpo_rows))
+            if f in entry.get("pareto", {}):
+                blocks.append(Block("img", text=f"{metric} vs trainable % at fraction {f:g} (Pareto front in red)",
+                                    path=entry["pareto"][f]))
+            if f in entry.get("curves", {}):
+                blocks.append(Block("img", text=f"validation {monitor} vs optimizer step at fraction {f:g} "
+                                                "(learning curves)", path=entry["curves"][f]))
     return blocks
 
 
@@ -421,37 +709,61 @@ def default_metric(store: Store) -> str:
     return "auroc" if monitor == "loss" else monitor
 
 
-def build_report(out_dir: str | Path, metric: str | None = None, formats=("csv",)) -> dict:
-    """Write ``<out_dir>/report/``; returns {'markdown', 'html', 'plots', 'summary', 'leaderboard', ...}."""
+def _margin(margin, experiment: dict | None) -> float:
+    if margin is None:
+        margin = (experiment or {}).get("margin", DEFAULT_MARGIN)
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 < margin < 1:
+        raise ConfigError(f"margin={margin!r}; expected a number in (0, 1) on the metric's scale, e.g. 0.02")
+    return float(margin)
+
+
+def _csv_value(value):
+    return " ".join(str(v) for v in value) if isinstance(value, list) else value
+
+
+def build_report(out_dir: str | Path, metric: str | None = None, formats=("csv",), margin: float | None = None) -> dict:
+    """Write ``<out_dir>/report/``; returns {'markdown', 'html', 'plots', 'summary', 'cells', 'margin', ...}.
+
+    ``margin``: the equivalence margin of the TOST verdicts (default: the experiment's ``margin``,
+    else 0.02).
+    """
     import pandas as pd
 
     out_dir = Path(out_dir)
     store = Store.open_readonly(out_dir)
     try:
+        experiment = store.get_meta("experiment") or {}
         metric = metric or default_metric(store)
+        margin = _margin(margin, experiment)
+        monitor = (experiment.get("train") or {}).get("monitor", "auroc")
         report_dir = out_dir / "report"
         report_dir.mkdir(parents=True, exist_ok=True)
         runs = final_runs(store, metric)
-        summary = summarize(runs)
+        summary = summarize(runs, margin=margin, lower_val_is_better=monitor == "loss")
+        cells = cell_summaries(summary, margin=margin)
         plots = _plots(summary, report_dir / "plots", metric) if summary else {}
+        for (data, backbone, fraction), path in _curve_plots(runs, report_dir / "plots", monitor).items():
+            plots.setdefault((data, backbone), {"pareto": {}}).setdefault("curves", {})[fraction] = path
         files, notes = export(store, report_dir, formats)
         if summary:
-            columns = [k for k in summary[0] if k not in ("params", "seeds")]
-            pd.DataFrame([{k: r[k] for k in columns} for r in summary]).to_csv(report_dir / "summary.csv", index=False)
-        blocks = _blocks(summary, runs, store, plots, metric, notes)
+            columns = [k for k in summary[0] if k != "params"]
+            pd.DataFrame([{k: _csv_value(r[k]) for k in columns} for r in summary]).to_csv(
+                report_dir / "summary.csv", index=False)
+        blocks = _blocks(summary, cells, store, plots, metric, notes, margin, len(runs), monitor == "loss")
         md_path, html_path = report_dir / "report.md", report_dir / "report.html"
         md_path.write_text(to_markdown(blocks, report_dir))
         html_path.write_text(to_html(blocks))
-        plot_files = [p for entry in plots.values() for p in [entry.get("fraction"), *entry["pareto"].values()] if p]
+        plot_files = [p for entry in plots.values()
+                      for p in [entry.get("fraction"), *entry["pareto"].values(), *entry.get("curves", {}).values()] if p]
         return {"dir": str(report_dir), "markdown": str(md_path), "html": str(html_path),
                 "plots": [str(p) for p in plot_files], "exports": [str(p) for p in files], "notes": notes,
-                "summary": summary, "metric": metric}
+                "summary": summary, "cells": cells, "metric": metric, "margin": margin}
     finally:
         store.close()
 
 
 def print_leaderboard(report: dict, console=None) -> None:
-    """Per data set x backbone: the methods ranked per fraction, with the delta to full fine-tuning."""
+    """Per data set x backbone: the methods per fraction with the Holm p and verdict vs full fine-tuning."""
     from rich.console import Console
     from rich.table import Table
 
@@ -464,19 +776,24 @@ def print_leaderboard(report: dict, console=None) -> None:
         console.print("no finished final runs yet: nothing to rank")
         return
     for data, backbone in dict.fromkeys((r["data"], r["backbone"]) for r in summary):
-        table = Table(title=f"leaderboard: {label(data)} - {backbone} (test {metric}, mean ± std over seeds)")
+        table = Table(title=f"leaderboard: {label(data)} - {backbone} (test {metric}, mean ± std over seeds; "
+                            f"rank by test mean, descriptive; ◆ chosen on validation)")
         for col, justify in (("fraction", "right"), ("rank", "right"), ("method", "left"), (metric, "right"),
-                             ("95% CI", "right"), ("delta vs full", "right"), ("p", "right"),
-                             ("trainable %", "right"), ("train s", "right")):
+                             ("95% CI", "right"), ("val", "right"), ("delta vs full", "right"), ("p Holm", "right"),
+                             ("verdict", "left"), ("trainable %", "right"), ("train s", "right")):
             table.add_column(col, justify=justify)
         rows = [r for r in summary if r["data"] == data and r["backbone"] == backbone]
         for f in sorted({r["fraction"] for r in rows}):
             group = sorted((r for r in rows if r["fraction"] == f), key=lambda r: r.get("rank", 99))
             for i, r in enumerate(group):
-                table.add_row(f"{f:g}" if i == 0 else "", str(r.get("rank", "")), r["method"],
+                table.add_row(f"{f:g}" if i == 0 else "", str(r.get("rank", "")),
+                              r["method"] + (" ◆" if r["val_best"] else ""),
                               f"{_num(r['mean'])} ± {_num(r['std'])}", f"[{_num(r['low'], 3)}, {_num(r['high'], 3)}]",
-                              "-" if r["delta"] is None else f"{r['delta']:+.4f}{significance(r)}",
-                              "-" if r["delta"] is None else _p(r["p_t"]), _num(r["trainable_pct"], 3),
-                              _num(r["train_seconds"], 1), end_section=i == len(group) - 1)
+                              _num(r["val_mean"]), "-" if r["delta"] is None else f"{r['delta']:+.4f}{significance(r)}",
+                              "-" if r["delta"] is None else _p(r["p_holm"]), r["verdict"],
+                              _num(r["trainable_pct"], 3), _num(r["train_seconds"], 1),
+                              end_section=i == len(group) - 1)
         console.print(table)
+    console.print(f"verdicts vs full fine-tuning: Holm-adjusted paired t within each cell, TOST margin "
+                  f"+-{report.get('margin', DEFAULT_MARGIN):g}", highlight=False)
     console.print(f"report: {report['markdown']} and {report['html']}", highlight=False)

@@ -1,0 +1,237 @@
+"""The benchmark report on a hand-made store: multiplicity-adjusted verdicts, the method chosen on
+validation (not test), baselines kept out of the PEFT counts, labels used, HPO counts, the
+convergence note and the learning curves; old stores without the newer metric keys still report."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from medpeft.bench.report import BASELINES, build_report, print_leaderboard
+from medpeft.bench.store import Store
+from medpeft.errors import ConfigError
+from medpeft.stats import benjamini_hochberg, holm, paired_test, seeds_needed, tost_paired, verdict
+
+SEEDS = (0, 1, 2, 3)
+FULL = {0.1: [0.70, 0.72, 0.71, 0.73], 1.0: [0.80, 0.81, 0.79, 0.82]}
+# test-score differences to full per seed; validation scores per seed
+CELLS = {
+    0.1: {
+        "full": ([0, 0, 0, 0], [0.80, 0.81, 0.80, 0.82]),
+        "lora": ([0.05, 0.06, 0.055, 0.052], [0.84, 0.85, 0.84, 0.85]),      # clearly better
+        "adapter": ([0.001, -0.002, 0.0015, -0.001], [0.80, 0.80, 0.81, 0.80]),  # equivalent within 0.02
+        "partial": ([0.09, 0.10, 0.08, 0.095], [0.83, 0.82, 0.83, 0.84]),    # the best on test ...
+        "linear": ([-0.06, -0.05, -0.07, -0.055], [0.95, 0.96, 0.94, 0.95]),  # ... the best on validation
+    },
+    1.0: {
+        "full": ([0, 0, 0, 0], [0.85, 0.86, 0.85, 0.86]),
+        "lora": ([0.01, 0.025, 0.008, 0.02], [0.86, 0.86, 0.87, 0.86]),    # raw p < 0.05, Holm p > 0.05
+        "adapter": ([0.02, -0.03, 0.01, -0.01], [0.85, 0.84, 0.85, 0.84]),
+        "partial": ([0.015, 0.01, 0.02, 0.012], [0.86, 0.87, 0.86, 0.87]),
+        "linear": ([-0.01, 0.02, -0.02, 0.005], [0.84, 0.84, 0.83, 0.84]),
+    },
+}
+# best_is_last per seed at fraction 0.1: lora 3 of 4 (a note), adapter 2 of 4 (exactly half: none)
+LAST = {"lora": [True, True, True, False], "adapter": [True, True, False, False]}
+PARAMS = {"lr": 0.001}
+
+
+def _cell(method: str, fraction: float) -> dict:
+    return {"id": f"toy|bb|{method}|{fraction:g}", "data": "toy", "backbone": "bb", "method": method,
+            "fraction": fraction}
+
+
+def _metrics(method: str, fraction: float, seed: int, test: float) -> dict:
+    metrics = {"test": {"auroc": {"value": test}}, "params": {"trainable": 10, "trainable_pct": 1.0},
+               "train_seconds": 1.0, "adapter_bytes": 1000, "n_train": 50 if fraction < 1 else 500, "n_val": 120,
+               "monitor": "auroc", "best_epoch": 3}
+    if fraction < 1:  # the newer keys; fraction 1 looks like an old store
+        metrics.update(selection={"val_labels": "full", "mode": "holdout", "n_selection_labels": 120},
+                       best_is_last=LAST.get(method, [False] * 4)[seed], subset_seed=seed + 100,
+                       curve=[[10, 0.6 + 0.01 * seed], [20, 0.7], [30 + seed, 0.72]])
+    return metrics
+
+
+def make_store(out: Path, meta_margin=None) -> None:
+    n = 0
+    with Store(out) as store:
+        experiment = {"data": ["toy"], "backbones": ["bb"], "fractions": [0.1, 1.0], "seeds": list(SEEDS),
+                      "hpo_trials": 4, "train": {"monitor": "auroc"},
+                      "image_size": 32}
+        if meta_margin is not None:
+            experiment["margin"] = meta_margin
+        store.set_meta("experiment", experiment)
+        store.set_meta("chosen", {_cell(m, f)["id"]: PARAMS for f in CELLS for m in CELLS[f]})
+        for fraction, methods in CELLS.items():
+            for method, (diffs, vals) in methods.items():
+                for seed in SEEDS:
+                    n += 1
+                    job = {"key": f"k{n}", "kind": "final", "cell": _cell(method, fraction), "seed": seed,
+                           "trial": None, "params": PARAMS, "config": {}}
+                    store.mark_running(job)
+                    test = FULL[fraction][seed] + diffs[seed]
+                    store.record({"key": job["key"], "status": "done", "outcome": "complete", "value": vals[seed],
+                                  "metrics": _metrics(method, fraction, seed, test), "seconds": 2.0, "worker": "w"})
+        # HPO trials of lora at 0.1: 2 completed, 1 pruned, 1 failed
+        for trial, (status, outcome) in enumerate([("done", "complete"), ("done", "pruned"), ("done", "complete"),
+                                                   ("failed", None)]):
+            n += 1
+            job = {"key": f"k{n}", "kind": "trial", "cell": _cell("lora", 0.1), "seed": 0, "trial": trial,
+                   "params": {"lr": 0.01 * (trial + 1)}, "config": {}}
+            store.mark_running(job)
+            store.record({"key": job["key"], "status": status, "outcome": outcome, "value": 0.8,
+                          "metrics": None, "seconds": 1.5, "error": "boom" if status == "failed" else None})
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep")
+    make_store(out)
+    rep = build_report(out)
+    rep["md"] = Path(rep["markdown"]).read_text()
+    rep["csv"] = pd.read_csv(Path(rep["dir"]) / "summary.csv")
+    return rep
+
+
+def _row(rep, method, fraction):
+    return next(r for r in rep["summary"] if r["method"] == method and r["fraction"] == fraction)
+
+
+def _test_values(method, fraction):
+    return [FULL[fraction][s] + CELLS[fraction][method][0][s] for s in SEEDS]
+
+
+def test_best_method_is_chosen_on_validation_not_test(report):
+    cell = next(c for c in report["cells"] if c["fraction"] == 0.1)
+    test_best = max((r for r in report["summary"] if r["fraction"] == 0.1), key=lambda r: r["mean"])
+    assert test_best["method"] == "partial" and test_best["rank"] == 1  # the descriptive rank
+    assert cell["val_best"] == "linear" != test_best["method"]
+    assert _row(report, "linear", 0.1)["val_best"] and not _row(report, "partial", 0.1)["val_best"]
+    assert cell["val_best_test"] == pytest.approx(sum(_test_values("linear", 0.1)) / 4)
+    md = report["md"]
+    assert f"Best method chosen on validation: linear (validation auroc {cell['val_best_val']:.4f}; " \
+           f"its test auroc {cell['val_best_test']:.4f})" in md
+    assert f"Best method chosen on validation: partial (validation auroc {_row(report, 'partial', 0.1)['val_mean']:.4f}" \
+        not in md
+    assert "rank by test mean, descriptive" in md
+    # the PEFT sentence picks on validation too: lora (val 0.845) over adapter (0.8025), not by test
+    assert "Best PEFT method on validation: lora" in md
+
+
+def test_holm_and_bh_in_summary_csv_equal_the_stats_functions(report):
+    csv = report["csv"]
+    compared = csv[csv.method != "full"]
+    raw = []
+    for _, r in compared.iterrows():
+        ref = paired_test(_test_values(r["method"], r["fraction"]), FULL[r["fraction"]])
+        assert r["p_t"] == pytest.approx(ref["t_pvalue"])
+        raw.append(ref["t_pvalue"])
+    assert list(compared["q_bh"]) == pytest.approx(benjamini_hochberg(raw))  # across the whole sweep
+    for fraction in CELLS:
+        cell = compared[compared.fraction == fraction]
+        assert list(cell["p_holm"]) == pytest.approx(holm(list(cell["p_t"])))  # within the cell
+    assert csv[csv.method == "full"]["p_holm"].isna().all()
+    # the adjustment matters in this store: lora at fraction 1 is significant only before it
+    lora = _row(report, "lora", 1.0)
+    assert lora["p_t"] < 0.05 <= lora["p_holm"] and lora["verdict"] != "better"
+    assert {"p_holm", "q_bh", "tost_p", "verdict", "val_mean", "n_val", "n_selection", "seeds"} <= set(csv.columns)
+
+
+def test_verdict_column(report):
+    csv = report["csv"]
+    got = {(r["method"], r["fraction"]): r["verdict"] for _, r in csv.iterrows()}
+    assert got[("full", 0.1)] == got[("full", 1.0)] == "reference"
+    assert got[("lora", 0.1)] == "better" and got[("partial", 0.1)] == "better"
+    assert got[("linear", 0.1)] == "worse" and got[("adapter", 0.1)] == "equivalent"
+    for r in report["summary"]:
+        if r["method"] == "full":
+            continue
+        tost = tost_paired(_test_values(r["method"], r["fraction"]), FULL[r["fraction"]], 0.02)["p"]
+        assert r["tost_p"] == pytest.approx(tost)
+        assert r["verdict"] == verdict(r["delta"], r["p_holm"], r["tost_p"])
+    # the stars follow the Holm p, not the raw one
+    lora = _row(report, "lora", 1.0)
+    line = next(line for line in report["md"].splitlines() if line.startswith("| ") and "| lora |" in line
+                and f"{lora['delta']:+.4f}" in line)
+    assert "*" not in line.split("|")[6]
+
+
+def test_baselines_are_not_counted_as_peft(report):
+    assert BASELINES == ("full", "linear", "partial")
+    md = report["md"]
+    section = md.split("## Does PEFT beat full fine-tuning?")[1].split("\n## ")[0]
+    lines = [line for line in section.splitlines() if line.startswith("- ")]
+    assert len(lines) == 2
+    first = next(line for line in lines if "fraction 0.1:" in line)
+    assert "2 PEFT method(s) vs full fine-tuning" in first
+    assert "better: lora;" in first and "equivalent: adapter;" in first and "worse: none;" in first
+    assert "partial" not in first and "linear" not in first  # partial is better and linear worse, but no PEFT
+    assert "1 of 2 have a higher test mean" in first
+
+
+def test_convergence_note_exactly_when_more_than_half_the_runs_end_at_their_best(report):
+    md = report["md"]
+    assert _row(report, "lora", 0.1)["best_is_last"] == 3 and _row(report, "adapter", 0.1)["best_is_last"] == 2
+    notes = [line for line in md.splitlines() if line.startswith("Note:") and "last epoch" in line]
+    assert len(notes) == 1 and notes[0].startswith("Note: lora: the best validation epoch was the last epoch in 3 of 4")
+    assert _row(report, "lora", 1.0)["best_is_last"] is None  # an old store: unknown, no note
+
+
+def test_learning_curve_png_per_cell_with_curves(report):
+    curves = [p for p in report["plots"] if p.endswith("_learning_curves.png")]
+    assert len(curves) == 1 and "f0.1" in curves[0]  # fraction 1 has no curves (old-store runs)
+    assert Path(curves[0]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "learning_curves.png)" in report["md"]
+    html = Path(report["html"]).read_text()
+    assert html.count("data:image/png;base64,") == len(report["plots"])
+
+
+def test_labels_used_and_optimistic_selection_and_old_stores(report):
+    md = report["md"]
+    assert ("Labels used: 50 train labels; 120 selection labels (the full validation split (mode holdout)). "
+            "Optimistic: selection used the full validation split.") in md
+    assert "Labels used: 500 train labels; 120 selection labels (120 validation images; selection policy unknown" in md
+    assert _row(report, "lora", 0.1)["optimistic"] and not _row(report, "lora", 1.0)["optimistic"]
+    assert "Seeds: 4 (0, 1, 2, 3); label-subset seeds 100, 101, 102, 103." in md
+    assert "Seeds: 4 (0, 1, 2, 3). SD" in md  # no subset seeds recorded at fraction 1
+
+
+def test_seeds_needed_line(report):
+    for cell in report["cells"]:
+        sds = sorted(r["sd_diff"] for r in report["summary"]
+                     if r["fraction"] == cell["fraction"] and r["sd_diff"] is not None)
+        assert len(sds) == 4 and cell["sd_diff"] == pytest.approx((sds[1] + sds[2]) / 2)
+        assert cell["seeds_needed"] == seeds_needed(cell["sd_diff"], 0.02)
+        assert f"detecting the margin 0.02 needs {cell['seeds_needed']} seeds." in report["md"]
+        assert f"With 4 seeds a paired t-test (alpha 0.05, before the Holm adjustment) detects a difference of " \
+               f"{cell['mdd']:.4f} with 80% power" in report["md"]
+
+
+def test_hpo_table_counts_and_scores(report):
+    lora = _row(report, "lora", 0.1)
+    line = next(line for line in report["md"].splitlines() if line.startswith("| lora | lr=0.001 |")
+                and "2 / 1 / 1" in line)
+    assert f"| {lora['val_mean']:.4f} | {lora['mean']:.4f} | 2 / 1 / 1 |" in line
+    assert "| adapter | lr=0.001 | 0.8025 |" in report["md"] and "0 / 0 / 0" in report["md"]
+
+
+def test_margin_from_meta_argument_and_errors(tmp_path):
+    make_store(tmp_path, meta_margin=0.0005)
+    rep = build_report(tmp_path)
+    assert rep["margin"] == 0.0005 and _row(rep, "adapter", 0.1)["verdict"] == "inconclusive"  # too tight
+    rep = build_report(tmp_path, margin=0.02)
+    assert rep["margin"] == 0.02 and _row(rep, "adapter", 0.1)["verdict"] == "equivalent"
+    with pytest.raises(ConfigError, match="margin"):
+        build_report(tmp_path, margin=0)
+
+
+def test_leaderboard_shows_holm_p_and_verdict(report):
+    from rich.console import Console
+
+    buf = io.StringIO()
+    print_leaderboard(report, Console(file=buf, width=200))
+    text = buf.getvalue()
+    assert "p Holm" in text and "verdict" in text and "equivalent" in text and "reference" in text
+    assert "linear ◆" in text  # the method chosen on validation
