@@ -152,8 +152,8 @@ def test_experiment_errors_name_the_key_and_value(values, message, toy_data):
 def test_default_image_size_is_fitted_per_backbone_and_recorded(toy_data):
     """The README's two-backbone command gives no --image-size: each backbone gets a size it accepts."""
     exp = Experiment.from_mapping({"data": [str(toy_data)], "backbones": ["tiny_cnn", "dinov2_vits14"]}).validate()
-    assert exp.size_for("tiny_cnn") == 64 and exp.size_for("dinov2_vits14") == 56
-    assert exp.to_dict()["image_size"] == {"tiny_cnn": 64, "dinov2_vits14": 56}  # what the store and report show
+    assert exp.size_for("tiny_cnn") == 64 and exp.size_for("dinov2_vits14") == 112  # 8x8 tokens
+    assert exp.to_dict()["image_size"] == {"tiny_cnn": 64, "dinov2_vits14": 112}  # what the store and report show
     with pytest.raises(ConfigError, match="image size 64 does not fit dinov2_vits14"):  # explicit sizes are checked
         Experiment.from_mapping({"data": [str(toy_data)], "backbones": ["dinov2_vits14"], "image_size": 64}).validate()
 
@@ -432,7 +432,9 @@ def test_report_numbers_match_the_definitions(reference_sweep):
     md = Path(report["markdown"]).read_text()
     html = Path(report["html"]).read_text()
     assert "| method | f=0.5 | f=1 | trainable % |" in md and "Does PEFT beat full fine-tuning?" in md
-    assert len(report["plots"]) == 2 * (1 + 2)  # per backbone: metric vs fraction + a Pareto plot per fraction
+    curves = [p for p in report["plots"] if p.endswith("_learning_curves.png")]
+    assert len(curves) == 2 * 2  # learning curves per backbone x fraction
+    assert len(report["plots"]) - len(curves) == 2 * (1 + 2)  # per backbone: metric vs fraction + Pareto per fraction
     for plot in report["plots"]:
         assert Path(plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert html.count("data:image/png;base64,") == len(report["plots"]) and 'src="http' not in html

@@ -154,7 +154,8 @@ def test_multilabel_fraction_nested_and_no_shots():
 @needs_medmnist
 def test_load_data_subsets_train_only():
     full = load_data(DataConfig(name="breastmnist", root=str(MEDMNIST_DIR), image_size=28))
-    part = load_data(DataConfig(name="breastmnist", root=str(MEDMNIST_DIR), image_size=28, fraction=0.1))
+    part = load_data(DataConfig(name="breastmnist", root=str(MEDMNIST_DIR), image_size=28, fraction=0.1,
+                                val_labels="full"))
     assert len(part.val) == 78 and len(part.test) == 156
     train_counts = Counter(full.train.labels.tolist())
     assert len(part.train) == sum(max(1, round(0.1 * n)) for n in train_counts.values())

@@ -41,7 +41,9 @@ def test_run_folder_has_config_metrics_history_adapter(tiny_run):
     p = saved["params"]
     assert 0 < p["trainable"] < p["total"] and abs(p["trainable_pct"] - 100 * p["trainable"] / p["total"]) < 1e-9
     assert saved["train_seconds"] > 0 and saved["peak_rss_mb"] > 0 and saved["adapter_bytes"] > 0
-    assert 272 <= saved["n_train"] <= 274 and saved["n_val"] == 78 and saved["n_test"] == 156  # fraction 0.5 of train only
+    # fraction 0.5 of train, and of validation (selection labels follow the budget); test untouched
+    assert 272 <= saved["n_train"] <= 274 and 38 <= saved["n_val"] <= 40 and saved["n_test"] == 156
+    assert saved["selection"] == {"mode": "holdout", "val_labels": "follow", "n_selection_labels": saved["n_val"]}
     rows = list(csv.DictReader(open(out / "history.csv")))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     # config.yaml reproduces the run config

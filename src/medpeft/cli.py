@@ -53,14 +53,21 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
                    help="where MedMNIST .npz files live / root of manifest paths (default: $MEDPEFT_DATA, "
                         "else medmnist's default ~/.medmnist)")
     g.add_argument("--image-size", type=int, default=None,
-                   help="square input size in pixels (default 64, lowered to a multiple of a ViT's patch size: "
-                        "56 for dinov2_vits14)")
+                   help="square input size in pixels (default per backbone: 64 for CNNs, a 2x2 final map; "
+                        "8x8 tokens for a ViT, 112 for dinov2_vits14; coarser sizes are warned about)")
     g.add_argument("--medmnist-size", type=int, choices=(28, 64, 128, 224), default=None,
                    help="which MedMNIST file variant to read (default 28)")
     g.add_argument("--fraction", type=_fraction, default=None,
                    help="label fraction of the training split, 0 < f <= 1 (stratified, nested across fractions)")
     g.add_argument("--shots", type=int, default=None, help="k training examples per class instead of --fraction")
     g.add_argument("--subset-seed", type=int, default=None, help="seed of the label subset (default: --seed)")
+    g.add_argument("--val-labels", choices=("follow", "full"), default="follow",
+                   help="labels for model selection: follow (default: the validation split is subsampled with the "
+                        "same fraction/shots rule as training, as a user with few labels would have) or full (every "
+                        "validation label: the literature's protocol, optimistic)")
+    g.add_argument("--positive-class", default=None,
+                   help="binary tasks: the clinically positive class (name or index); sensitivity, specificity "
+                        "and F1 follow it (MedMNIST default: the clinical one, e.g. malignant, pneumonia; else class 1)")
     g.add_argument("--split-seed", type=int, default=0, help="seed of the split when the data has none (default 0)")
     g.add_argument("--val-ratio", type=float, default=0.15,
                    help="validation share when the data has no split of its own (default 0.15)")
@@ -83,6 +90,13 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
 def add_train_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=30, help="maximum training epochs (default 30)")
+    g.add_argument("--steps", type=int, default=None,
+                   help="training budget in optimizer steps instead of --epochs (the same number of updates at "
+                        "every label fraction)")
+    g.add_argument("--select", default="holdout",
+                   help="model selection: holdout (early stopping on the validation labels, default) or cv:K "
+                        "(K-fold cross-validation inside the labelled training images chooses the epoch, then a "
+                        "refit on all of them; no validation labels used)")
     g.add_argument("--bn-stats", choices=("frozen", "update"), default="frozen",
                    help="BatchNorm running statistics while training: frozen (default) or update")
     g.add_argument("--min-steps", type=int, default=0,
@@ -97,7 +111,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--class-weighted", action="store_true", help="inverse-frequency class weights in the loss")
     g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 disables)")
     g.add_argument("--augment", default="auto",
-                   help="auto (none for linear probing, else light) | none | light | medical | geometric | intensity | "
+                   help="auto (light, the same for every method) | none | light | medical | geometric | intensity | "
                         "artefact | a list like 'flip,rotation=0.5,speckle'")
     g.add_argument("--augment-strength", type=float, default=1.0, help="scales every augmentation magnitude")
     g.add_argument("--mix", default="none", help="none | mixup | cutmix | mixup+cutmix (soft targets)")
@@ -196,11 +210,12 @@ def run_config_from_args(args) -> "RunConfig":
         group_column=args.group_column,
         label_columns=args.label_columns.split(",") if args.label_columns else None, split_file=args.split_file,
         near_duplicates=args.near_duplicates, dicom_window=args.window, audit=args.audit,
+        val_labels=args.val_labels, positive_class=args.positive_class,
         near_duplicate_threshold=(int(args.near_duplicate_threshold) if str(args.near_duplicate_threshold).isdigit()
                                   else args.near_duplicate_threshold),
     )
     train = TrainConfig(
-        epochs=args.epochs, min_steps=args.min_steps, bn_stats=args.bn_stats, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        epochs=args.epochs, steps=args.steps, select=args.select, min_steps=args.min_steps, bn_stats=args.bn_stats, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         warmup_epochs=args.warmup_epochs, patience=args.patience, monitor=args.monitor,
         class_weighted=args.class_weighted, grad_clip=args.grad_clip or None, augment=args.augment,
         augment_strength=args.augment_strength, mix=args.mix,

@@ -32,6 +32,9 @@ MONITORS = ("auroc", "acc", "balanced_acc", "f1", "loss")
 @dataclass
 class TrainConfig:
     epochs: int = 30
+    # the training budget in optimizer steps (None: ``epochs``); epochs = ceil(steps / steps per
+    # epoch), so 1 % and 100 % of the labels get the same number of updates when asked to
+    steps: int | None = None
     # at least this many optimizer steps: with 1% of the labels an epoch is one step, so the
     # epoch count is raised until the budget is met (0: plain epochs)
     min_steps: int = 0
@@ -47,8 +50,10 @@ class TrainConfig:
     monitor: str = "auroc"  # validation metric for early stopping / model selection
     class_weighted: bool = False  # inverse-frequency class weights in the loss
     grad_clip: float | None = 1.0
-    augment: str = "auto"  # auto (none for head-only methods, else light) | none | light | medical | geometric |
+    # auto (light, for every method alike: a comparison gives each method the same augmentation) |
+    # none | light | medical | geometric |
     # intensity | artefact | a comma list of operations, e.g. "flip,rotation=0.5,speckle" (see augment.py)
+    augment: str = "auto"
     augment_strength: float = 1.0  # scales every augmentation magnitude (0 disables)
     mix: str = "none"  # none | mixup | cutmix | mixup+cutmix: batch mixing with soft targets
     # auto | on | off: cache the frozen front of the network once per split (head-only training: the
@@ -56,7 +61,10 @@ class TrainConfig:
     cache_features: str = "auto"
     device: str = "auto"  # auto | cpu | cuda[:N]
     amp: bool = True  # bf16 autocast on a GPU (ignored on CPU)
-    seed: int = 0
+    seed: int = 0  # drives head initialisation, data order, augmentation, mixing and dropout
+    # model selection: "holdout" (early stopping on the validation split) or "cv:K" (K folds inside
+    # the labelled training subset choose the epoch; no validation labels are used)
+    select: str = "holdout"
     threads: int | None = None  # torch CPU threads; None: torch's default
     max_minutes: float | None = None  # stop training after this wall time (best state still restored)
     compile: bool = False  # torch.compile the trained network (the first steps pay for the compilation)
@@ -77,6 +85,19 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "eval_batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.steps is not None and (isinstance(self.steps, bool) or int(self.steps) < 1):
+            raise ConfigError(f"steps must be a whole number >= 1 (optimizer steps), got {self.steps!r}")
+        cv_folds(self.select)  # ConfigError for a bad selection mode
+
+
+def cv_folds(select: str) -> int | None:
+    """K of a "cv:K" selection mode, None for "holdout"; ConfigError otherwise."""
+    if select == "holdout":
+        return None
+    head, _, k = str(select).partition(":")
+    if head == "cv" and k.isdigit() and int(k) >= 2:
+        return int(k)
+    raise ConfigError(f"select {select!r} is not 'holdout' or 'cv:K' with K >= 2 (e.g. cv:5)")
 
 
 @dataclass
@@ -91,6 +112,13 @@ class TrainResult:
     augment: str = "none"
     val_probs: np.ndarray | None = None  # of the restored best state
     test_probs: np.ndarray | None = None
+    steps_per_epoch: int = 1
+    epochs_planned: int = 0  # the schedule's length in epochs (training may stop before it)
+    epoch_val_probs: list = field(default_factory=list)  # per epoch, when asked (cross-validation folds)
+    curve: list = field(default_factory=list)  # [[optimizer step, monitored validation score], ...]
+
+    # the best epoch was the last one of the schedule: more steps might still have helped
+    best_is_last: bool = False
 
 
 def seed_everything(seed: int) -> None:
@@ -108,9 +136,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def only_head_trains(model: nn.Module) -> bool:
-    head = {id(p) for p in model.get_classifier().parameters()}
-    return all(id(p) in head for p in model.parameters() if p.requires_grad)
+def plan_epochs(n_train: int, cfg: TrainConfig) -> tuple[int, int]:
+    """(epochs, optimizer steps per epoch) of a training run on ``n_train`` images: the loaders
+    drop the last partial batch only when there is more than one batch."""
+    bs = int(cfg.batch_size)
+    steps_per_epoch = max(n_train // bs if n_train > bs else math.ceil(n_train / bs), 1)
+    epochs = int(cfg.epochs) if cfg.steps is None else math.ceil(int(cfg.steps) / steps_per_epoch)
+    return max(epochs, math.ceil(cfg.min_steps / steps_per_epoch)), steps_per_epoch
 
 
 def loss_fn(task: str, class_weights: torch.Tensor | None):
@@ -173,13 +205,6 @@ def predict(model: nn.Module, loader, task: str, amp_dtype=None) -> tuple[np.nda
         n += len(y)
         probs.append(to_probs(logits, task).cpu())
     return torch.cat(probs).numpy(), losses / max(n, 1)
-
-
-def evaluate(model, loader, data: ImageSet, task: str, amp_dtype=None) -> dict:
-    probs, loss = predict(model, loader, task, amp_dtype)
-    metrics = compute_metrics(data.labels.numpy(), probs, task)
-    metrics["loss"] = loss
-    return metrics
 
 
 def _score(metrics: dict, monitor: str) -> float:
@@ -265,8 +290,9 @@ def prepare_training(model: nn.Module, bundle: DataBundle, mean, std, cfg: Train
     channels_last = use_channels_last(model, cfg, device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    head_only = only_head_trains(model)
-    augment_name = cfg.augment if cfg.augment != "auto" else ("none" if head_only else "light")
+    # one policy for every method (parity): the linear probe augments like the others unless
+    # the user turns augmentation off, which is also what lets it cache features
+    augment_name = cfg.augment if cfg.augment != "auto" else "light"
     augment = build_augment(augment_name, cfg.augment_strength)
     mix = MixConfig(mode=cfg.mix)
     train_loader, val_loader, test_loader = make_loaders(bundle, mean, std, cfg, device, augment,
@@ -289,8 +315,7 @@ def prepare_training(model: nn.Module, bundle: DataBundle, mean, std, cfg: Train
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_adamw(params, lr, cfg.weight_decay, device, fused=cfg.fused_adamw)
-    steps_per_epoch = max(len(train_loader), 1)
-    epochs = max(cfg.epochs, math.ceil(cfg.min_steps / steps_per_epoch))
+    epochs, steps_per_epoch = plan_epochs(len(bundle.train), cfg)
     total_steps = epochs * steps_per_epoch
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
 
@@ -344,48 +369,68 @@ def train_epoch(setup: TrainingSetup, max_steps: int | None = None) -> float:
 
 
 def train_model(model: nn.Module, bundle: DataBundle, mean, std, cfg: TrainConfig, lr: float,
-                progress=None, evaluate_test: bool = True) -> TrainResult:
+                progress=None, evaluate_test: bool = True, record_val_probs: bool = False,
+                stop_epoch: int | None = None) -> TrainResult:
     """Train in place and restore the best validation state.
 
     The test split is predicted exactly once, after training, by the best validation state
     (``result.test_probs``); nothing during training or selection reads it.
     ``progress(epoch, row)`` is called after every epoch (for progress bars / logs).
     ``evaluate_test=False`` (HPO trials) never reads the test split; ``test_probs`` stays None.
+    ``record_val_probs``: keep every epoch's validation probabilities and never stop early (the
+    folds of cross-validated selection). ``stop_epoch``: train the planned schedule up to this
+    epoch with no validation at all and keep that state (the refit after cross-validation).
     """
     setup = prepare_training(model, bundle, mean, std, cfg, lr, with_test=evaluate_test)
     net, amp_dtype = setup.net, setup.amp_dtype
     result = TrainResult(feature_cache=setup.cache.active, feature_cache_note=setup.cache.reason,
-                         augment=setup.augment_name)
+                         augment=setup.augment_name, steps_per_epoch=setup.steps_per_epoch,
+                         epochs_planned=setup.epochs)
+    validate = stop_epoch is None
+    last_epoch = setup.epochs if validate else min(int(stop_epoch), setup.epochs)
 
     best_score, best_state, stale = -math.inf, None, 0
     start = time.perf_counter()
-    for epoch in range(1, setup.epochs + 1):
+    for epoch in range(1, last_epoch + 1):
         train_loss = train_epoch(setup)
-        val = evaluate(net, setup.val_loader, bundle.val, bundle.task, amp_dtype)
-        score = _score(val, cfg.monitor)
-        improved = score > best_score
-        if improved:  # a real copy: later steps must not change the kept state
-            best_score, stale, result.best_epoch = score, 0, epoch
-            best_state = {k: v.detach().clone() for k, v in trained_state_dict(model).items()}
-        else:
-            stale += 1
-        row = {"epoch": epoch, "epochs_total": setup.epochs, "train_loss": train_loss,
-               "lr": setup.optimizer.param_groups[0]["lr"],
-               "seconds": time.perf_counter() - start, **{f"val_{k}": v for k, v in val.items()}}
+        row = {"epoch": epoch, "epochs_total": setup.epochs, "step": epoch * setup.steps_per_epoch,
+               "train_loss": train_loss, "lr": setup.optimizer.param_groups[0]["lr"]}
+        if validate:
+            probs, loss = predict(net, setup.val_loader, bundle.task, amp_dtype)
+            val = compute_metrics(bundle.val.labels.numpy(), probs, bundle.task,
+                                  positive=_positive(bundle))
+            val["loss"] = loss
+            if record_val_probs:
+                result.epoch_val_probs.append(probs)
+            score = _score(val, cfg.monitor)
+            row["score"] = score
+            if score > best_score:  # a real copy: later steps must not change the kept state
+                best_score, stale, result.best_epoch = score, 0, epoch
+                best_state = {k: v.detach().clone() for k, v in trained_state_dict(model).items()}
+            else:
+                stale += 1
+            row.update({f"val_{k}": v for k, v in val.items()})
+        row["seconds"] = time.perf_counter() - start
         result.history.append(row)
         if progress:
             progress(epoch, row)
-        if stale >= cfg.patience and epoch * setup.steps_per_epoch >= cfg.min_steps:
+        if validate and not record_val_probs and stale >= cfg.patience \
+                and epoch * setup.steps_per_epoch >= cfg.min_steps:
             result.stopped_early = True
             break
         if cfg.max_minutes and (time.perf_counter() - start) > 60 * cfg.max_minutes:
             result.stopped_early = True
             break
     result.train_seconds = time.perf_counter() - start
-    result.best_val = best_score if cfg.monitor != "loss" else -best_score
-    model.load_state_dict(best_state, strict=False)
-    # Selection is over; the test split is read here, once, by the restored best state.
-    result.val_probs = predict(net, setup.val_loader, bundle.task, amp_dtype)[0]
+    result.curve = [[row["step"], row["score"]] for row in result.history if "score" in row]
+    if validate:
+        result.best_val = best_score if cfg.monitor != "loss" else -best_score
+        model.load_state_dict(best_state, strict=False)
+        # Selection is over; the test split is read here, once, by the restored best state.
+        result.val_probs = predict(net, setup.val_loader, bundle.task, amp_dtype)[0]
+        result.best_is_last = result.best_epoch == len(result.history)
+    else:
+        result.best_epoch = len(result.history)
     if not evaluate_test:
         return result
     test_loader = setup.test_loader
@@ -393,6 +438,10 @@ def train_model(model: nn.Module, bundle: DataBundle, mean, std, cfg: TrainConfi
         test_loader = _cached_loader(setup.cache, test_loader, bundle.test.images, amp_dtype, cfg.eval_batch_size)
     result.test_probs = predict(net, test_loader, bundle.task, amp_dtype)[0]
     return result
+
+
+def _positive(bundle: DataBundle) -> int:
+    return 1 if bundle.positive_class is None else int(bundle.positive_class)
 
 
 def predict_probs(model, images: ImageSet, mean, std, task: str, batch_size=128, device="cpu") -> np.ndarray:

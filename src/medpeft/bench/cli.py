@@ -31,9 +31,14 @@ experiment file (YAML; every key optional, unknown keys are errors):
   methods: all                      # or a list, hybrids allowed: [lora, ssf, lora+ssf]
   fractions: [0.01, 0.1, 1.0]
   seeds: 3                          # or a list [0, 1, 2]
-  image_size: {efficientnet_lite0: 64, dinov2_vits14: 56}   # or one number
-  hpo: {trials: 8, parallel: 1, seed: 0, startup_trials: 4, prune_min_epochs: 2, reduction_factor: 3}
-  train: {epochs: 20, patience: 5, batch_size: 32}          # any 'medpeft run' training option
+  image_size: {efficientnet_lite0: 64, dinov2_vits14: 112}  # or one number
+  hpo: {trials: 8, subsets: 2, prune: false, parallel: 1, seed: 0, startup_trials: 4}
+                                    # subsets: label subsets a trial averages over (fraction < 1);
+                                    # prune: successive halving (then the budget is compute, not trials)
+  train: {steps: 300, patience: 10, batch_size: 32}         # any 'medpeft run' training option;
+                                    # a steps/epochs budget is searched too (x0.5, x1, x2)
+  val_labels: follow                # selection labels follow the label budget (full: optimistic)
+  margin: 0.02                      # equivalence margin of the report's TOST (metric units)
   method_options: {lora_targets: qv}                         # fixed, not searched
   n_boot: 1000
   keep_adapters: false
@@ -88,15 +93,28 @@ def add_benchmark_parsers(sub) -> dict:
     g.add_argument("--fractions", default=None, help="comma-separated label fractions in (0, 1], e.g. 0.01,0.1,1.0")
     g.add_argument("--seeds", default=None, help="number of seeds (3 = seeds 0,1,2) or a comma-separated list")
     g.add_argument("--image-size", type=_image_size, default=None,
-                   help="pixels, or per backbone: efficientnet_lite0=64,dinov2_vits14=56 (default 64, lowered to "
-                        "a multiple of a ViT's patch size: 56 for dinov2_vits14)")
+                   help="pixels, or per backbone: efficientnet_lite0=64,dinov2_vits14=112 (default per backbone: "
+                        "64 for CNNs, 8x8 tokens for a ViT: 112 for dinov2_vits14)")
     g = p.add_argument_group("HPO")
     g.add_argument("--hpo-trials", type=int, default=None, help="trials per cell (0 = each method's defaults)")
     g.add_argument("--hpo-parallel", type=int, default=None,
                    help="trials of a cell sampled together and run side by side (Ray); default 1")
     g.add_argument("--hpo-seed", type=int, default=None, help="seed of the Optuna sampler (default 0)")
+    g.add_argument("--hpo-subsets", type=int, default=None,
+                   help="label subsets each trial's objective averages over where the fraction is below 1 "
+                        "(default 2: the first seeds' subsets)")
+    g.add_argument("--hpo-prune", action="store_true", default=None,
+                   help="successive-halving pruning (off by default so every method gets the same number of "
+                        "completed trials; on, the budget is in trials started)")
+    g.add_argument("--val-labels", choices=("follow", "full"), default=None,
+                   help="selection labels: follow the label budget (default) or full (the literature's "
+                        "optimistic protocol)")
+    g.add_argument("--margin", type=float, default=None,
+                   help="equivalence margin for the report's TOST verdicts, in metric units (default 0.02)")
     g = p.add_argument_group("training (shared by every run)")
     g.add_argument("--epochs", type=int, default=None, help="maximum epochs per run (default 30, or the preset's)")
+    g.add_argument("--steps", type=int, default=None,
+                   help="training budget in optimizer steps per run (instead of epochs; searched x0.5/x1/x2 by HPO)")
     g.add_argument("--batch-size", type=int, default=None, help="training batch size (default 32)")
     g.add_argument("--patience", type=int, default=None,
                    help="early-stopping patience in epochs (default 6, or the preset's)")
@@ -136,6 +154,8 @@ def add_benchmark_parsers(sub) -> dict:
     r.add_argument("--metric", default=None, help="test metric to rank by (default: the sweep's monitor, auroc)")
     r.add_argument("--export", default="csv", help="comma-separated: csv, parquet (needs pyarrow)")
     r.add_argument("--quiet", action="store_true", help="write the files, print no leaderboard")
+    r.add_argument("--margin", type=float, default=None,
+                   help="equivalence margin for the TOST verdicts (default: the sweep's, else 0.02)")
     return {"benchmark": cmd_benchmark, "report": cmd_report}
 
 
@@ -156,13 +176,14 @@ def experiment_from_args(args):
         if "train" in file_values:
             merged["train"] = {**exp.train, **(file_values["train"] or {})}
         exp = Experiment.from_mapping(merged, where=f"experiment file {args.config}")
-    train = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size),
+    train = {k: v for k, v in (("epochs", args.epochs), ("steps", args.steps), ("batch_size", args.batch_size),
                                ("patience", args.patience), ("device", args.device)) if v is not None}
     train.update(dict(args.train))
     exp = exp.updated(
         data=args.data, data_root=args.data_root, medmnist_size=args.medmnist_size, backbones=args.backbones,
         methods=args.methods, fractions=args.fractions, seeds=args.seeds, image_size=args.image_size,
         hpo_trials=args.hpo_trials, hpo_parallel=args.hpo_parallel, hpo_seed=args.hpo_seed,
+        hpo_subsets=args.hpo_subsets, hpo_prune=args.hpo_prune, val_labels=args.val_labels, margin=args.margin,
         n_boot=args.n_boot, keep_adapters=args.keep_adapters, train=train or None,
         method_options=dict(args.method_option) or None)
     for key in ("out", "executor", "address"):
@@ -233,7 +254,7 @@ def cmd_report(args) -> int:
     from .report import build_report, print_leaderboard
 
     formats = [f.strip() for f in args.export.split(",") if f.strip()]
-    report = build_report(args.dir, metric=args.metric, formats=formats)
+    report = build_report(args.dir, metric=args.metric, formats=formats, margin=args.margin)
     console = Console()
     if not console.is_terminal:
         console = Console(width=max(console.width, 130))

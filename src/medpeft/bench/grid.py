@@ -21,11 +21,12 @@ from ..errors import ConfigError
 from ..train import TrainConfig
 
 # YAML layout (nested sections are flattened into Experiment fields)
-HPO_KEYS = {"trials": "hpo_trials", "parallel": "hpo_parallel", "seed": "hpo_seed",
+HPO_KEYS = {"trials": "hpo_trials", "parallel": "hpo_parallel", "seed": "hpo_seed", "subsets": "hpo_subsets",
+            "prune": "hpo_prune",
             "startup_trials": "hpo_startup_trials", "prune_min_epochs": "prune_min_epochs",
             "reduction_factor": "prune_reduction_factor", "trial_n_boot": "trial_n_boot"}
 TOP_KEYS = ("data", "data_root", "medmnist_size", "backbones", "methods", "fractions", "seeds", "image_size",
-            "hpo", "train", "method_options", "n_boot", "keep_adapters")
+            "hpo", "train", "method_options", "n_boot", "keep_adapters", "val_labels", "margin")
 RUN_KEYS = ("out", "executor", "address")  # how to run it, not what: allowed in a YAML file too
 # TrainConfig fields a sweep sets itself per run
 TRAIN_RESERVED = ("seed",)
@@ -59,6 +60,12 @@ class Experiment:
     hpo_trials: int = 0  # 0: each method's defaults, no search
     hpo_parallel: int = 1  # trials of a cell sampled as one batch (run side by side on Ray)
     hpo_seed: int = 0
+    # label subsets a trial's objective averages over where the fraction is below 1 (the subsets of
+    # the first seeds): one subset would tune to seed 0's few images
+    hpo_subsets: int = 2
+    # successive-halving pruning: off by default, so every method gets the same number of
+    # *completed* trials; on, the budget is in trials started (compute) and the report says so
+    hpo_prune: bool = False
     hpo_startup_trials: int = 4  # trials before TPE models the history (trial 0 = the defaults)
     prune_min_epochs: int = 2  # first successive-halving rung (epoch 1 is warm-up, too noisy)
     prune_reduction_factor: int = 3
@@ -67,6 +74,8 @@ class Experiment:
     method_options: dict = field(default_factory=dict)  # fixed method options, e.g. {"lora_targets": "qv"}
     n_boot: int = 1000
     keep_adapters: bool = False  # keep each final run's adapter.safetensors (else only its size is kept)
+    val_labels: str = "follow"  # selection labels: follow the label budget, or full (optimistic)
+    margin: float = 0.02  # equivalence margin of the report's TOST, in units of the metric
     notes: list[str] = field(default_factory=list, compare=False)  # filled by validate()
 
     # ------------------------------------------------------------------ building
@@ -136,6 +145,14 @@ class Experiment:
             raise ConfigError(f"{where}: data_root must be a folder path, got {self.data_root!r}")
         if not isinstance(self.keep_adapters, bool):
             raise ConfigError(f"{where}: keep_adapters must be true or false, got {self.keep_adapters!r}")
+        if not isinstance(self.hpo_prune, bool):
+            raise ConfigError(f"{where}: hpo.prune must be true or false, got {self.hpo_prune!r}")
+        self.hpo_subsets = _int(self.hpo_subsets, "hpo_subsets", where, 1)
+        if self.val_labels not in ("follow", "full"):
+            raise ConfigError(f"{where}: val_labels {self.val_labels!r} is not one of follow, full")
+        if isinstance(self.margin, bool) or not isinstance(self.margin, Real) or not 0 < float(self.margin) < 1:
+            raise ConfigError(f"{where}: margin {self.margin!r} must be a number in (0, 1) (metric units, e.g. 0.02)")
+        self.margin = float(self.margin)
         if not isinstance(self.method_options, dict):
             raise ConfigError(f"{where}: method_options must be a mapping like {{lora_targets: qv}}, "
                               f"got {self.method_options!r}")
@@ -171,7 +188,7 @@ class Experiment:
             raise ConfigError(f"{where}: train: {err}") from None
 
     def _check_backbones_and_sizes(self, where: str) -> None:
-        from ..backbones import backbone_info, check_image_size
+        from ..backbones import backbone_info, check_image_size, resolution_warning
 
         sizes = self.image_size
         if sizes is None:  # the default size, fitted to each backbone (cannot fail the check below)
@@ -191,6 +208,9 @@ class Experiment:
             except ConfigError as err:
                 raise ConfigError(f"{where}: image_size: {err}; give one size per backbone as "
                                   "{backbone: size} when the backbones need different sizes") from None
+            coarse = resolution_warning(info, size)
+            if coarse:  # allowed (CPU budgets), but the report must say what the numbers test
+                self.notes.append(coarse)
 
     def _check_methods(self, where: str) -> None:
         from ..methods import build_configs, list_methods, parse_method
@@ -261,7 +281,7 @@ class Experiment:
                         cells.append(Cell(data, backbone, method, fraction, self.size_for(backbone)))
         cells.sort(key=lambda c: (self.data.index(c.data), self.backbones.index(c.backbone),
                                   self.fractions.index(c.fraction)))
-        self.notes = list(dict.fromkeys(notes))
+        self.notes = list(dict.fromkeys(self.notes + notes))  # validate()'s notes stay
         return cells
 
     def job_count(self) -> int:

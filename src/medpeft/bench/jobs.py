@@ -129,6 +129,8 @@ def run_job(job: dict, cache: BundleCache | None = None) -> dict:
     """Train one job. Never raises for a failing run: the error is returned (the sweep goes on).
 
     job: {"key", "kind": "trial"|"final", "config": RunConfig dict, "threads": int|None,
+          "configs": [RunConfig dict, ...] (trials: one per label subset; the objective is the mean
+          of their best validation scores), "prune": bool (trials: successive-halving pruning),
           "hpo": {"history": [...], "params": {...}, "settings": {...}} (trials),
           "run_dir": str (finals), "keep_adapter": bool}
     """
@@ -145,27 +147,34 @@ def run_job(job: dict, cache: BundleCache | None = None) -> dict:
            "error": None}
     reporter = None
     try:
-        cfg = RunConfig.from_dict(job["config"])
+        configs = [RunConfig.from_dict(c) for c in job.get("configs") or [job["config"]]]
+        cfg = configs[0]
         if job.get("threads"):
             torch.set_num_threads(int(job["threads"]))
-        bundle = cache.get(cfg.data)
         trial = job["kind"] == "trial"
-        if trial:
+        if trial and job.get("prune", True):
             hpo = job["hpo"]
             history = [TrialRecord.from_dict(t) for t in hpo["history"]]
             reporter = PruningReporter(history, hpo["params"], HpoSettings(**hpo["settings"]), cfg.train.monitor,
                                        budget_epochs=cfg.train.epochs)
         with MemorySampler() as memory:
+            runs = []
             try:
-                metrics = execute(cfg, out_dir=job.get("run_dir"), bundle=bundle, progress=reporter,
-                                  save=not trial, evaluate_test=not trial)
+                for i, each in enumerate(configs):  # the first subset may be pruned; the others then never run
+                    runs.append(execute(each, out_dir=job.get("run_dir"), bundle=cache.get(each.data),
+                                        progress=reporter if i == 0 else None, save=not trial,
+                                        evaluate_test=not trial))
             except optuna.TrialPruned as pruned:
                 out.update(outcome="pruned", error=str(pruned))
-                metrics = None
-        if metrics is not None:
+                runs = []
+        if runs:
+            metrics = runs[0]
             metrics.update(memory.summary())
+            values = [float(m["best_val"]) for m in runs]
+            if len(runs) > 1:
+                metrics["subset_values"] = values  # the objective's parts, one per label subset
             out["metrics"] = metrics
-            out["value"] = float(metrics["best_val"])
+            out["value"] = float(sum(values) / len(values))
             if not trial and not job.get("keep_adapter") and metrics.get("out_dir"):
                 adapter = Path(metrics["out_dir"]) / "adapter.safetensors"
                 adapter.unlink(missing_ok=True)  # its size is recorded; the file is the big part

@@ -1,7 +1,8 @@
 """Hyper-parameter search space per method.
 
-Every method searches the learning rate (log scale, a decade either side of its default)
-and the weight decay (log scale); methods with knobs also search those (LoRA rank and alpha,
+Every method searches the same shared dimensions: the learning rate (log scale, a decade
+either side of its default), the weight decay (log scale) and, when the experiment sets a
+training budget, that budget (steps or epochs: half, once, twice); methods with knobs also search those (LoRA rank and alpha,
 VPT prompt length, adapter width, partial k, ...). ``SEARCH_SPACES`` is a small table per
 method name; a method missing from it (or a knob its config no longer has) falls back to
 lr/wd only. Hybrids (``lora+ssf``) search the union of their parts' knobs.
@@ -16,6 +17,7 @@ import dataclasses
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
 
 WEIGHT_DECAY = (1e-6, 1e-1)
+TRAIN_PARAMS = ("lr", "weight_decay", "steps", "epochs")  # searched parameters that are TrainConfig fields
 LR_SPAN = 10.0  # lr searched in [default / LR_SPAN, default * LR_SPAN]
 
 # method -> {field of its config class: choices}. Choices, not ranges: these knobs are
@@ -65,8 +67,16 @@ def default_lr(method: str) -> float:
     return float(get_method(parse_method(method)[0]).default_lr)
 
 
+BUDGET_FACTORS = (0.5, 1.0, 2.0)  # the training budget searched around the experiment's own
+
+
+def budget_choices(budget: tuple[str, int]) -> list[int]:
+    return sorted({max(1, int(round(budget[1] * f))) for f in BUDGET_FACTORS})
+
+
 def search_space(method: str, fixed: set[str] = frozenset(), backbone: str | None = None,
-                 image_size: int | None = None, notes: list | None = None) -> dict[str, BaseDistribution]:
+                 image_size: int | None = None, notes: list | None = None,
+                 budget: tuple[str, int] | None = None) -> dict[str, BaseDistribution]:
     """Optuna distributions for a method; names in ``fixed`` (set by the user) are not searched.
 
     Given the backbone, knob values it cannot take (a LoRA rank above a layer's width, ...) are
@@ -78,6 +88,8 @@ def search_space(method: str, fixed: set[str] = frozenset(), backbone: str | Non
         space["lr"] = FloatDistribution(lr / LR_SPAN, lr * LR_SPAN, log=True)
     if "weight_decay" not in fixed:
         space["weight_decay"] = FloatDistribution(*WEIGHT_DECAY, log=True)
+    if budget is not None and "budget" not in fixed:
+        space[budget[0]] = CategoricalDistribution(budget_choices(budget))
     for name, choices in method_knobs(method).items():
         if name in fixed:
             continue
@@ -109,7 +121,8 @@ def feasible(backbone: str, image_size: int | None, method: str, option: str, va
     return _FEASIBLE[key]
 
 
-def default_params(method: str, space: dict[str, BaseDistribution], weight_decay: float) -> dict:
+def default_params(method: str, space: dict[str, BaseDistribution], weight_decay: float,
+                   budget: tuple[str, int] | None = None) -> dict:
     """The method's own defaults expressed in the search space (trial 0 of every HPO)."""
     from ..methods import get_method, parse_method
 
@@ -119,6 +132,8 @@ def default_params(method: str, space: dict[str, BaseDistribution], weight_decay
             params[name] = default_lr(method)
         elif name == "weight_decay":
             params[name] = float(min(max(weight_decay, WEIGHT_DECAY[0]), WEIGHT_DECAY[1]))
+        elif name in TRAIN_PARAMS:
+            params[name] = int(budget[1])
         else:
             for part in parse_method(method):
                 if name.startswith(part + "_"):
@@ -129,7 +144,7 @@ def default_params(method: str, space: dict[str, BaseDistribution], weight_decay
 
 
 def split_params(params: dict) -> tuple[dict, dict]:
-    """(train overrides {lr, weight_decay}, method options {lora_rank: ...}) of a trial's parameters."""
-    train = {k: v for k, v in params.items() if k in ("lr", "weight_decay")}
+    """(train overrides {lr, weight_decay, steps|epochs}, method options {lora_rank: ...}) of a trial's parameters."""
+    train = {k: v for k, v in params.items() if k in TRAIN_PARAMS}
     options = {k: v for k, v in params.items() if k not in train}
     return train, options

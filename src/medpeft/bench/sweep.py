@@ -28,6 +28,7 @@ from .store import Store, config_key
 
 # settings that must not change when a sweep is resumed (the grid itself may grow)
 GRID_FIELDS = ("data", "backbones", "methods", "fractions", "seeds", "hpo_trials")
+REPORT_ONLY = ("margin",)  # read by the report alone: may change on resume
 
 
 @dataclass
@@ -88,7 +89,7 @@ class Sweep:
         fixed |= {k for k in ("lr", "weight_decay") if self.exp.train.get(k) is not None}
         return fixed
 
-    def run_config(self, cell: Cell, seed: int, params: dict, n_boot: int) -> dict:
+    def run_config(self, cell: Cell, seed: int, params: dict, n_boot: int, subset_seed: int | None = None) -> dict:
         from ..methods import parse_method
 
         train_params, knobs = split_params(params)
@@ -96,9 +97,10 @@ class Sweep:
         options = {k: v for k, v in self.exp.method_options.items() if any(k.startswith(p + "_") for p in parts)}
         options.update(knobs)
         subset = cell.fraction < 1  # without a subset the subset seed means nothing: one data load for all seeds
+        subset_seed = seed if subset_seed is None else subset_seed
         data = DataConfig(name=cell.data, root=self.exp.data_root, image_size=cell.image_size,
                           medmnist_size=self.exp.medmnist_size, fraction=cell.fraction if subset else None,
-                          subset_seed=seed if subset else 0)
+                          subset_seed=subset_seed if subset else 0, val_labels=self.exp.val_labels)
         train = TrainConfig(**{**self.exp.train, **train_params, "seed": seed})
         cfg = RunConfig(data=data, train=train, backbone=cell.backbone, method=cell.method,
                         method_options=options, n_boot=n_boot)
@@ -111,13 +113,26 @@ class Sweep:
         history = visible_history(list(state.history.values()), number, self.settings.parallel)
         params = sample_params(state.space, history, number, self.settings, state.cell.id, state.defaults)
         seed = self.exp.seeds[0]
-        config = self.run_config(state.cell, seed, params, self.exp.trial_n_boot)
-        context = {"trial": number, "hpo": self.settings.to_dict()}
+        # one training seed; where labels are scarce the objective averages over the label subsets of
+        # the first seeds, so the choice does not fit one draw of a few images
+        subsets = self.trial_subset_seeds(state.cell)
+        configs = [self.run_config(state.cell, seed, params, self.exp.trial_n_boot, subset_seed=s) for s in subsets]
+        config = configs[0]
+        context = {"trial": number, "hpo": self.settings.to_dict(), "subsets": subsets, "prune": self.exp.hpo_prune}
         return {"key": config_key("trial", config, context), "kind": "trial", "cell": self._cell_dict(state.cell),
-                "seed": seed, "trial": number, "params": params, "config": config,
+                "seed": seed, "trial": number, "params": params, "config": config, "configs": configs,
+                "prune": self.exp.hpo_prune,
                 "hpo": {"history": [t.to_dict() for t in history], "params": params,
                         "settings": self.settings.to_dict()},
                 "distributions": space_to_json(state.space)}
+
+    def trial_subset_seeds(self, cell: Cell) -> list[int]:
+        if cell.fraction >= 1:
+            return [self.exp.seeds[0]]
+        seeds = list(self.exp.seeds[:self.exp.hpo_subsets])
+        while len(seeds) < self.exp.hpo_subsets:  # fewer sweep seeds than subsets: extra ones after them
+            seeds.append(max(seeds) + 1)
+        return seeds
 
     def final_job(self, state: CellState, seed: int) -> dict:
         config = self.run_config(state.cell, seed, state.chosen, self.exp.n_boot)
@@ -154,7 +169,7 @@ class Sweep:
             return
         best = choose(list(state.history.values()))
         if best is None:
-            state.chosen = default_params(state.cell.method, state.space, self._default_wd())
+            state.chosen = default_params(state.cell.method, state.space, self._default_wd(), self._budget())
             state.chosen_note = "defaults: no HPO trial completed"
         else:
             state.chosen = dict(best.params)
@@ -163,6 +178,13 @@ class Sweep:
         chosen = self.store.get_meta("chosen", {})
         chosen[state.cell.id] = state.chosen
         self.store.set_meta("chosen", chosen)
+
+    def _budget(self) -> tuple[str, int] | None:
+        """The training budget every method searches around: ("steps", S) or ("epochs", E)."""
+        for key in ("steps", "epochs"):
+            if self.exp.train.get(key) is not None:
+                return key, int(self.exp.train[key])
+        return None
 
     def _default_wd(self) -> float:
         return float(self.exp.train.get("weight_decay", TrainConfig().weight_decay))
@@ -255,9 +277,9 @@ class Sweep:
         fixed = self.fixed_params()
         space_notes: list[str] = []
         for cell in self.cells:
-            space = search_space(cell.method, fixed, cell.backbone, cell.image_size, space_notes) \
-                if self.exp.hpo_trials else {}
-            state = CellState(cell, space, default_params(cell.method, space, self._default_wd()))
+            space = search_space(cell.method, fixed, cell.backbone, cell.image_size, space_notes,
+                                 budget=self._budget()) if self.exp.hpo_trials else {}
+            state = CellState(cell, space, default_params(cell.method, space, self._default_wd(), self._budget()))
             state._n_seeds = len(self.exp.seeds)
             self.states.append(state)
         self.exp.notes.extend(dict.fromkeys(space_notes))
@@ -326,7 +348,7 @@ class Sweep:
 
 def _check_compatible(previous: dict, current: dict, path) -> None:
     changed = {k: (previous.get(k), current.get(k)) for k in current
-               if k not in GRID_FIELDS and previous.get(k) != current.get(k)}
+               if k not in GRID_FIELDS + REPORT_ONLY and previous.get(k) != current.get(k)}
     if changed:
         detail = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
         raise ConfigError(f"--resume: the sweep in {path} was started with other settings ({detail}); "

@@ -54,6 +54,8 @@ class DataBundle:
     test: ImageSet
     # How the splits/subsets were made (official / stratified by seed / grouped, fraction, shots...).
     split_info: dict = field(default_factory=dict)
+    # index of the clinically positive class of a binary task (sensitivity/F1 follow it); None: class 1
+    positive_class: int | None = None
 
     @property
     def num_classes(self) -> int:
@@ -75,6 +77,11 @@ class DataConfig:
     fraction: float | None = None  # label fraction of the training split, 0 < f <= 1
     shots: int | None = None  # k examples per class from the training split
     subset_seed: int = 0  # seed of the fraction/shots subset (nested across fractions)
+    # labels used for model selection: "follow" subsamples the validation split with the training
+    # split's fraction/shots rule (a user with 5 labelled images has no 78 more to select with);
+    # "full" keeps every validation label (the literature's protocol: optimistic)
+    val_labels: str = "follow"
+    positive_class: str | None = None  # binary tasks: the clinically positive class (name or index)
     split_seed: int = 0  # seed of the train/val/test split when there is no official one
     val_ratio: float = 0.15
     test_ratio: float = 0.15

@@ -14,9 +14,10 @@ from medpeft.data.base import DataBundle, DataConfig
 from medpeft.data.folder import load_image_folder
 from medpeft.data.manifest import load_manifest
 from medpeft.data.medmnist_source import load_medmnist, medmnist_3d_names, medmnist_names
-from medpeft.data.splits import (apply_subset, assign_from_split_file, check_ratios, check_subset_options, concat_sets,
+from medpeft.data.splits import (VAL_LABELS, apply_subset, assign_from_split_file, check_ratios, check_subset_options, concat_sets,
                                  split_indices, split_info_for, split_pool, stratum_keys)
 from medpeft.errors import ConfigError, DataError
+from medpeft.metrics import resolve_positive_class
 
 SOURCE_KINDS = ("medmnist", "folder", "manifest")
 
@@ -60,6 +61,9 @@ def _check_config(cfg: DataConfig) -> None:
         raise ConfigError(f"audit {cfg.audit!r} is not one of warn, strict, off")
     check_ratios(cfg.val_ratio, cfg.test_ratio)
     check_subset_options(cfg.fraction, cfg.shots)
+    if cfg.val_labels not in VAL_LABELS:
+        raise ConfigError(f"val_labels {cfg.val_labels!r} is not one of {', '.join(VAL_LABELS)} (follow: validation "
+                          "subsampled like the training labels; full: every validation label)")
 
 
 def load_data(cfg: DataConfig) -> DataBundle:
@@ -106,7 +110,7 @@ def _split_bundle(name, task, class_names, pool, given_split, cfg: DataConfig) -
         train, val, test, info = split_pool(_with_near_duplicate_groups(pool, cfg), cfg)
         info["near_duplicates"] = cfg.near_duplicates
     return DataBundle(name=name, task=task, class_names=class_names, train=train, val=val, test=test,
-                      split_info=info)
+                      split_info=info, positive_class=resolve_positive_class(class_names, task, cfg.positive_class, None))
 
 
 def _given_split(pool, given_split: list[str], cfg: DataConfig):

@@ -164,14 +164,17 @@ def split_pool(pool: ImageSet, cfg: DataConfig) -> tuple[ImageSet, ImageSet, Ima
 
 # ----------------------------------------------------------------------------- split files
 def save_split(bundle: DataBundle, path: str | os.PathLike) -> None:
-    """Write the split's ids as JSON. ``train`` holds the whole training split even when a
-    fraction/shots subset was taken (that subset is in ``train_subset``), so a reloaded split
-    plus the same subset options gives the same subset again."""
+    """Write the split's ids as JSON. ``train`` and ``val`` hold the whole splits even when a
+    fraction/shots subset was taken (the subsets are in ``train_subset`` / ``val_subset``), so a
+    reloaded split plus the same subset options gives the same subsets again."""
     full_train = getattr(bundle, "_full_train_ids", None) or list(bundle.train.ids)
+    full_val = getattr(bundle, "_full_val_ids", None) or list(bundle.val.ids)
     payload = {"format": SPLIT_FILE_FORMAT, "name": bundle.name,
-               "train": list(full_train), "val": list(bundle.val.ids), "test": list(bundle.test.ids)}
+               "train": list(full_train), "val": list(full_val), "test": list(bundle.test.ids)}
     if getattr(bundle, "_full_train_ids", None) is not None:
         payload["train_subset"] = list(bundle.train.ids)
+    if getattr(bundle, "_full_val_ids", None) is not None:
+        payload["val_subset"] = list(bundle.val.ids)
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8") as handle:
@@ -290,8 +293,17 @@ def subset_train(labels, fraction: float | None = None, shots: int | None = None
     return np.sort(np.concatenate(chosen)).astype(np.int64)
 
 
+VAL_LABELS = ("follow", "full")
+
+
 def apply_subset(bundle: DataBundle, cfg: DataConfig) -> DataBundle:
-    """Replace bundle.train by its fraction/shots subset (val/test untouched) and record it."""
+    """Replace bundle.train by its fraction/shots subset and record it; with
+    ``cfg.val_labels == "follow"`` the validation split is subsampled by the same rule (stratified,
+    at least one per class, nested, seeded), so selection uses no more labels than the budget
+    allows. The test split is never touched."""
+    if cfg.val_labels not in VAL_LABELS:
+        raise ConfigError(f"val_labels {cfg.val_labels!r} is not one of {', '.join(VAL_LABELS)}")
+    bundle.split_info["val_labels"] = cfg.val_labels
     if cfg.fraction is None and cfg.shots is None:
         return bundle
     before = len(bundle.train)
@@ -307,4 +319,25 @@ def apply_subset(bundle: DataBundle, cfg: DataConfig) -> DataBundle:
         "n_train_before": before, "n_train_after": len(bundle.train),
         "train_subset_ids_sha256": ids_sha256(bundle.train.ids),
     })
+    if cfg.val_labels == "follow":
+        val_before = len(bundle.val)
+        shots = None if cfg.shots is None else min(cfg.shots, _smallest_class(bundle.val.labels))
+        # its own stream: the validation subset must not mirror the training subset's draw
+        keep = subset_train(bundle.val.labels, fraction=cfg.fraction, shots=shots,
+                            seed=cfg.subset_seed + VAL_SUBSET_SEED_OFFSET, class_names=bundle.class_names)
+        bundle._full_val_ids = list(bundle.val.ids)
+        bundle.val = bundle.val.subset(keep)
+        bundle.split_info.update({"n_val_before": val_before, "n_val_after": len(bundle.val),
+                                  "val_subset_ids_sha256": ids_sha256(bundle.val.ids)})
     return bundle
+
+
+VAL_SUBSET_SEED_OFFSET = 1_000_003
+
+
+def _smallest_class(labels) -> int:
+    labels = np.asarray(labels.numpy() if isinstance(labels, torch.Tensor) else labels)
+    if labels.ndim != 1 or labels.size == 0:
+        return 1
+    counts = np.bincount(labels)
+    return int(counts[counts > 0].min())
