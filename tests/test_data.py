@@ -16,7 +16,9 @@ from medpeft.data import DataConfig, load_data, read_image, save_split, subset_t
 from medpeft.data.splits import split_indices
 from medpeft.errors import ConfigError, DataError
 
-SHARED = Path(os.environ.get("MEDPEFT_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+from conftest import SHARED_DATA
+
+SHARED = SHARED_DATA  # the one place that knows where ../shared/data is (conftest; CI has it)
 MEDMNIST_DIR = SHARED / "medmnist"
 BUSI_DIR = SHARED / "Dataset_BUSI_with_GT"
 needs_medmnist = pytest.mark.skipif(not (MEDMNIST_DIR / "breastmnist.npz").is_file(),

@@ -11,7 +11,7 @@ from medpeft.data import load_data
 from medpeft.data.base import DataConfig
 from medpeft.errors import ConfigError
 from medpeft.run import RunConfig, execute, load_run
-from medpeft.train import TrainConfig, predict_probs
+from medpeft.train import TrainConfig, predict_images
 
 
 def tiny_config(root, method="lora", backbone="tiny_cnn", seed=0, **train):
@@ -64,10 +64,10 @@ def test_saved_adapter_reproduces_test_predictions(tiny_run, medmnist_root):
     bundle = load_data(cfg.data)
     saved = np.array([[float(r[k]) for k in r if k.startswith("p_")] for r in csv.DictReader(open(out / "test_predictions.csv"))])
     loaded = load_run(out)
-    probs = predict_probs(loaded.model, bundle.test, loaded.mean, loaded.std, "binary")
+    probs = predict_images(loaded.model, bundle.test, loaded.mean, loaded.std, "binary", 2)
     np.testing.assert_allclose(probs, saved, atol=1e-6)
     merged = load_run(out, merge=True)
-    probs_merged = predict_probs(merged.model, bundle.test, merged.mean, merged.std, "binary")
+    probs_merged = predict_images(merged.model, bundle.test, merged.mean, merged.std, "binary", 2)
     np.testing.assert_allclose(probs_merged, saved, atol=1e-4)
     assert not any("lora" in n for n, _ in merged.model.named_parameters())
 
@@ -119,9 +119,9 @@ def test_cli_export_writes_a_plain_backbone_with_its_preprocessing(tiny_run, med
     plain, _ = create_backbone("tiny_cnn", num_classes=2, image_size=32, pretrained=False)
     plain.load_state_dict(load_file(str(target)), strict=True)  # every key, nothing extra
     bundle = load_data(cfg.data)
-    expected = predict_probs(loaded.model, bundle.test, loaded.mean, loaded.std, "binary")
-    got = predict_probs(plain.eval(), bundle.test, tuple(json.loads(meta["mean"])), tuple(json.loads(meta["std"])),
-                        "binary")
+    expected = predict_images(loaded.model, bundle.test, loaded.mean, loaded.std, "binary", 2)
+    got = predict_images(plain.eval(), bundle.test, tuple(json.loads(meta["mean"])), tuple(json.loads(meta["std"])),
+                         "binary", 2)
     np.testing.assert_allclose(got, expected, atol=1e-4)
 
 

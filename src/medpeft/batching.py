@@ -32,6 +32,11 @@ class LightAugment:
 
     def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """x: float [B, C, H, W] in [0, 1]."""
+        return self.apply_with_mask(x, None, gen)[0]
+
+    def apply_with_mask(self, x: torch.Tensor, mask: torch.Tensor | None, gen: torch.Generator):
+        """x as in ``__call__``; mask [B, H, W] class indices moved by the same affine warp
+        (nearest neighbour: no interpolated class values), untouched by the intensity jitter."""
         b = x.shape[0]
 
         def uniform(lo, hi):
@@ -47,14 +52,14 @@ class LightAugment:
         ).to(x.dtype)
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        if mask is not None:  # outside the image after the warp: background
+            mask = F.grid_sample(mask[:, None].float(), grid, mode="nearest", padding_mode="zeros",
+                                 align_corners=False)[:, 0].to(mask.dtype)
         bright = uniform(1 - self.brightness, 1 + self.brightness).view(b, 1, 1, 1)
         contrast = uniform(1 - self.contrast, 1 + self.contrast).view(b, 1, 1, 1)
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
         x = ((x - mean) * contrast + mean) * bright
-        return x.clamp_(0, 1)
-
-
-AUGMENTATIONS = {"none": None, "light": LightAugment}
+        return x.clamp_(0, 1), mask
 
 
 class BatchLoader:
@@ -66,7 +71,8 @@ class BatchLoader:
     """
 
     def __init__(self, data: ImageSet, batch_size: int, mean, std, device="cpu", shuffle=False,
-                 augment=None, seed: int = 0, drop_last: bool = False, channels_last: bool = False):
+                 augment=None, seed: int = 0, drop_last: bool = False, channels_last: bool = False,
+                 targets=None):
         self.data = data
         self.batch_size = int(batch_size)
         self.device = torch.device(device)
@@ -83,23 +89,33 @@ class BatchLoader:
         self.inv_std = 1.0 / self.std
         self.shift = -self.mean / self.std
         self.images = data.images.to(self.device)  # uint8, moved once
-        self.labels = data.labels.to(self.device)
+        # what the task learns: class labels, or per-pixel masks (then augmented with the images)
+        self.labels = (data.labels if targets is None else targets(data)).to(self.device)
+        self.dense = self.labels.dim() == 3
 
     def __len__(self) -> int:
         n = len(self.data)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def to_input(self, images_uint8: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+        return self.to_batch(images_uint8, None, gen)[0]
+
+    def to_batch(self, images_uint8: torch.Tensor, targets: torch.Tensor | None, gen: torch.Generator | None = None):
+        """(normalised inputs, targets): masks move with the images under augmentation."""
         if self.augment is None or gen is None:
             x = torch.addcmul(self.shift, images_uint8.float(), self.scale)
         else:
             x = images_uint8.float().div_(255)
             if x.shape[1] == 1 and not getattr(self.augment, "grayscale_safe", False):
                 x = x.expand(-1, 3, -1, -1)
-            x = torch.addcmul(self.shift, self.augment(x, gen), self.inv_std)
+            if self.dense and targets is not None:
+                x, targets = self.augment.apply_with_mask(x, targets, gen)
+            else:
+                x = self.augment(x, gen)
+            x = torch.addcmul(self.shift, x, self.inv_std)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return x
+        return x, targets
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.data)
@@ -111,4 +127,4 @@ class BatchLoader:
         self.epoch += 1
         for i in range(len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-            yield self.to_input(self.images[idx], gen), self.labels[idx]
+            yield self.to_batch(self.images[idx], self.labels[idx], gen)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
@@ -49,6 +48,12 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data", default="breastmnist",
                    help="MedMNIST flag (breastmnist, pneumoniamnist, ...), a folder with one sub-folder per class, "
                         "or a CSV manifest (path,label[,split][,group]) (default: breastmnist)")
+    g.add_argument("--task", choices=("classification", "segmentation"), default="classification",
+                   help="classification (image labels) or segmentation (masks: <name>_mask.png beside each image, "
+                        "images/ + masks/ folders, or a manifest 'mask' column)")
+    g.add_argument("--mask-classes", default=None,
+                   help="segmentation: comma-separated names of the mask values 0..K-1 (0 = background) for "
+                        "multi-class label maps (default: binary background,lesion)")
     g.add_argument("--data-root", default=None,
                    help="where MedMNIST .npz files live / root of manifest paths (default: $MEDPEFT_DATA, "
                         "else medmnist's default ~/.medmnist)")
@@ -107,7 +112,13 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup-epochs", type=float, default=1.0,
                    help="linear warm-up before the cosine decay, in epochs (default 1)")
     g.add_argument("--patience", type=int, default=6, help="early-stopping patience in epochs (default 6)")
-    g.add_argument("--monitor", default="auroc", help="validation metric for selection: auroc, acc, balanced_acc, f1, loss")
+    g.add_argument("--monitor", default="auto",
+                   help="validation metric for selection: auto (the task's primary: AUROC, Dice), loss, or a metric "
+                        "of the task (auroc, acc, balanced_acc, f1, sensitivity, specificity; dice, iou, vs, hd95, "
+                        "assd, nsd)")
+    g.add_argument("--seg-loss", default="dice_ce", help="segmentation loss: dice_ce (default), dice, ce, dice_focal")
+    g.add_argument("--nsd-tolerance", type=float, default=2.0,
+                   help="segmentation: tolerance of the normalised surface Dice, in pixels (default 2)")
     g.add_argument("--class-weighted", action="store_true", help="inverse-frequency class weights in the loss")
     g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 disables)")
     g.add_argument("--augment", default="auto",
@@ -168,7 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("images", nargs="+", help="image files (png, jpg, dcm, ...)")
     predict.add_argument("--merge", action="store_true", help="merge the adapter into the backbone first")
     predict.add_argument("--weights", default=None, help="backbone weights file, if the run used one")
-    predict.add_argument("--out", default=None, help="CSV file for the predictions (default: print)")
+    predict.add_argument("--out", default=None,
+                         help="classification: CSV file for the predictions (default: print); segmentation: folder "
+                              "for a mask PNG and an overlay per image (required)")
     predict.add_argument("--window", default=None, help="DICOM window CENTER,WIDTH (default: each file's own)")
 
     export = sub.add_parser("export", help="write a merged, plain timm state dict (safetensors) of a trained run")
@@ -210,13 +223,15 @@ def run_config_from_args(args) -> "RunConfig":
         group_column=args.group_column,
         label_columns=args.label_columns.split(",") if args.label_columns else None, split_file=args.split_file,
         near_duplicates=args.near_duplicates, dicom_window=args.window, audit=args.audit,
-        val_labels=args.val_labels, positive_class=args.positive_class,
+        val_labels=args.val_labels, positive_class=args.positive_class, task=args.task,
+        mask_classes=args.mask_classes.split(",") if args.mask_classes else None,
         near_duplicate_threshold=(int(args.near_duplicate_threshold) if str(args.near_duplicate_threshold).isdigit()
                                   else args.near_duplicate_threshold),
     )
     train = TrainConfig(
         epochs=args.epochs, steps=args.steps, select=args.select, min_steps=args.min_steps, bn_stats=args.bn_stats, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        warmup_epochs=args.warmup_epochs, patience=args.patience, monitor=args.monitor,
+        warmup_epochs=args.warmup_epochs, patience=args.patience, monitor=args.monitor, seg_loss=args.seg_loss,
+        nsd_tolerance=args.nsd_tolerance,
         class_weighted=args.class_weighted, grad_clip=args.grad_clip or None, augment=args.augment,
         augment_strength=args.augment_strength, mix=args.mix,
         cache_features=args.cache_features, device=args.device, amp=not args.no_amp, seed=args.seed,
@@ -252,35 +267,20 @@ def cmd_methods(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    import csv
-
-    import numpy as np
     import torch
 
     from .data.base import ImageSet
     from .data.io import load_images
     from .run import load_run
-    from .train import predict_probs
+    from .tasks import get_task
+    from .train import predict_images
 
     loaded = load_run(args.run, weights=args.weights, merge=args.merge)
     stacked = load_images(args.images, loaded.image_size, args.window)  # same decoding/resizing as training
     images = ImageSet(stacked, torch.zeros(len(args.images), dtype=torch.long), list(args.images))
-    probs = predict_probs(loaded.model, images, loaded.mean, loaded.std, "multilabel" if loaded.task == "multilabel" else "multiclass")
-    rows = []
-    for name, p in zip(args.images, probs):
-        row = {"file": name, **{f"p_{c}": float(v) for c, v in zip(loaded.class_names, p)}}
-        if loaded.task != "multilabel":
-            row["prediction"] = loaded.class_names[int(np.argmax(p))]
-        rows.append(row)
-    if args.out:
-        with open(args.out, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        print(f"wrote {len(rows)} predictions to {args.out}")
-    else:
-        for row in rows:
-            print(json.dumps(row))
+    kind = loaded.task
+    predictions = predict_images(loaded.model, images, loaded.mean, loaded.std, kind, len(loaded.class_names))
+    print(get_task(kind).write_user_predictions(list(args.images), predictions, loaded.class_names, kind, args.out))
     return 0
 
 

@@ -8,7 +8,6 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .metrics import METRIC_NAMES
 
 console = Console()
 
@@ -26,16 +25,21 @@ def progress_printer(epochs: int, quiet: bool = False):
             task = bar.add_task("train", total=epochs, loss=float("nan"), val="-")
 
             def update(epoch, row):
-                bar.update(task, completed=epoch, loss=row["train_loss"],
-                           val=f"auroc {row.get('val_auroc', float('nan')):.4f} acc {row.get('val_acc', float('nan')):.4f}")
+                bar.update(task, completed=epoch, loss=row["train_loss"], val=_val_text(row))
 
             yield update
     else:
         def log(epoch, row):
-            console.print(f"epoch {epoch:3d}  loss {row['train_loss']:.4f}  val_auroc {row.get('val_auroc', float('nan')):.4f}"
-                          f"  val_acc {row.get('val_acc', float('nan')):.4f}  {row['seconds']:.0f}s", highlight=False)
+            console.print(f"epoch {epoch:3d}  loss {row['train_loss']:.4f}  {_val_text(row)}  {row['seconds']:.0f}s",
+                          highlight=False)
 
         yield log
+
+
+def _val_text(row: dict) -> str:
+    """The first two validation metrics of an epoch row (auroc/acc, dice/iou, ...)."""
+    shown = [(k[4:], v) for k, v in row.items() if k.startswith("val_") and k != "val_loss"][:2]
+    return "  ".join(f"val_{k} {float(v):.4f}" for k, v in shown) or "no validation"
 
 
 def _fmt(m: dict) -> str:
@@ -47,8 +51,9 @@ def print_run_summary(metrics: dict) -> None:
     table.add_column("metric")
     table.add_column("validation (95% CI)")
     table.add_column("test (95% CI)")
-    for name in METRIC_NAMES:
-        table.add_row(name, _fmt(metrics["val"][name]), _fmt(metrics["test"][name]))
+    for name, test in metrics["test"].items():  # the task's metrics, in its order
+        if isinstance(test, dict) and "value" in test:
+            table.add_row(name, _fmt(metrics["val"][name]), _fmt(test))
     console.print(table)
     p = metrics["params"]
     console.print(

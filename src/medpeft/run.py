@@ -25,16 +25,14 @@ import torch
 import yaml
 
 from . import __version__
-from .backbones import (backbone_info, check_image_size, create_backbone, default_image_size,
-                        resolution_warning)
+from .backbones import backbone_info, check_image_size, default_image_size, resolution_warning
 from .data import load_data, save_split
 from .data.base import DataBundle, DataConfig
 from .errors import ConfigError, DataError
 from .methods import (apply_methods, build_configs, config_to_dict, count_parameters,
                       get_method, load_trained_state, parse_method, trained_state_dict)
-from .metrics import metrics_with_ci
-from .metrics import compute_metrics
-from .train import TrainConfig, _score, cv_folds, plan_epochs, resolve_device, seed_everything, train_model
+from .tasks import get_task
+from .train import TrainConfig, cv_folds, plan_epochs, resolve_device, seed_everything, task_options, train_model
 
 ADAPTER_FILE = "adapter.safetensors"
 SPLIT_FILE = "split.json"
@@ -80,25 +78,30 @@ def _dataclass_from(cls, values: dict, where: str):
 
 
 def build_model(backbone: str, num_classes: int, image_size: int, method: str, method_options: dict,
-                weights: str | None = None, pretrained: bool = True, in_chans: int = 3, head_seed: int = 0):
-    """Backbone + methods applied; returns (model, backbone info, method names, method configs).
+                weights: str | None = None, pretrained: bool = True, in_chans: int = 3, head_seed: int = 0,
+                task: str = "classification"):
+    """Backbone + the task's head/decoder + methods applied to the backbone; returns (model,
+    backbone info, method names, method configs).
 
-    ``head_seed`` (the run seed) initialises the new head: seeds must vary it, since head
-    initialisation alone moved test AUROC by 0.07 on BreastMNIST.
+    ``head_seed`` (the run seed) initialises the new head or decoder: seeds must vary it, since
+    head initialisation alone moved test AUROC by 0.07 on BreastMNIST.
     """
     names = parse_method(method)
     configs = build_configs(names, method_options)
+    plugin = get_task(task)
     # The base model is created under a fixed, forked RNG: random-weight backbones are then identical
     # in every process, and the caller's RNG stream is left untouched.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model, info = create_backbone(backbone, num_classes=num_classes, image_size=image_size, weights=weights,
-                                      pretrained=pretrained, in_chans=in_chans)
+        model, info = plugin.build_model(backbone, num_classes, image_size, in_chans=in_chans, weights=weights,
+                                         pretrained=pretrained)
     # The head is initialised afterwards from its own seed: creating the backbone may or may not
     # convert weights (cold or warm cache), and nothing it does may shift the head.
     init_head(model, head_seed)
     check_image_size(info, image_size)
-    apply_methods(model, names, configs, info.family)
+    apply_methods(plugin.methods_target(model), names, configs, info.family)
+    for param in model.get_classifier().parameters():  # the head / decoder is always trained
+        param.requires_grad_(True)
     return model, info, names, configs
 
 
@@ -159,6 +162,8 @@ def execute(cfg: RunConfig, out_dir: str | Path | None = None, bundle: DataBundl
     if bundle is None:
         bundle = load_data(cfg.data)
         audit = audit_before_training(bundle, cfg.data)
+    plugin = get_task(bundle.task)
+    options = task_options(bundle, cfg.train)
     positive = _positive_index(bundle)
     lr = cfg.train.lr if cfg.train.lr is not None else get_method(parse_method(cfg.method)[0]).default_lr
     device = resolve_device(cfg.train.device)
@@ -166,14 +171,14 @@ def execute(cfg: RunConfig, out_dir: str | Path | None = None, bundle: DataBundl
         torch.cuda.reset_peak_memory_stats(device)
     folds = cv_folds(cfg.train.select)
     if folds:
-        model, info, names, configs, result, selection_labels = _cross_validated(cfg, bundle, lr, folds, progress,
-                                                                                 evaluate_test)
+        model, info, names, configs, result, selection_targets = _cross_validated(cfg, bundle, lr, folds, progress,
+                                                                                  evaluate_test)
         n_selection = len(bundle.train)
     else:
         model, info, names, configs = _model_for(cfg, bundle)
         result = train_model(model, bundle, info.mean, info.std, cfg.train, lr, progress=progress,
                              evaluate_test=evaluate_test)
-        selection_labels, n_selection = bundle.val.labels.numpy(), len(bundle.val)
+        selection_targets, n_selection = plugin.targets(bundle.val).numpy(), len(bundle.val)
     counts = count_parameters(model)
     metrics = {
         "medpeft_version": __version__,
@@ -204,15 +209,14 @@ def execute(cfg: RunConfig, out_dir: str | Path | None = None, bundle: DataBundl
         "steps_per_epoch": result.steps_per_epoch,
         "steps_run": len(result.history) * result.steps_per_epoch,
         "curve": result.curve,  # [[optimizer step, monitored validation score], ...]
-        "monitor": cfg.train.monitor,
+        "monitor": options["monitor"],
         "augment": result.augment,
         "feature_cache": result.feature_cache,
         "feature_cache_note": result.feature_cache_note,  # what was cached, or why not
         "train_seconds": result.train_seconds,
-        "val": metrics_with_ci(selection_labels, result.val_probs, bundle.task, n_boot=cfg.n_boot,
-                               seed=cfg.train.seed, positive=_or1(positive)),
-        "test": metrics_with_ci(bundle.test.labels.numpy(), result.test_probs, bundle.task, n_boot=cfg.n_boot,
-                                seed=cfg.train.seed, positive=_or1(positive)) if evaluate_test else None,
+        "val": plugin.metrics_with_ci(selection_targets, result.val_probs, options, cfg.n_boot, cfg.train.seed),
+        "test": plugin.metrics_with_ci(plugin.targets(bundle.test).numpy(), result.test_probs, options, cfg.n_boot,
+                                       cfg.train.seed) if evaluate_test else None,
         **peak_memory_mb(device),
     }
     metrics["total_seconds"] = time.perf_counter() - started
@@ -220,7 +224,7 @@ def execute(cfg: RunConfig, out_dir: str | Path | None = None, bundle: DataBundl
         out = Path(out_dir) if out_dir else default_out_dir(cfg)
         metrics["adapter_bytes"] = write_run(out, cfg, metrics, result.history, model, bundle, info)
         if evaluate_test:
-            write_predictions(out / "test_predictions.csv", bundle, result.test_probs)
+            metrics["predictions"] = plugin.write_predictions(out, bundle, result.test_probs)
         metrics["out_dir"] = str(out)
     return metrics
 
@@ -228,7 +232,7 @@ def execute(cfg: RunConfig, out_dir: str | Path | None = None, bundle: DataBundl
 def _model_for(cfg: RunConfig, bundle: DataBundle):
     seed_everything(cfg.train.seed)  # before model creation: adapter init uses the RNG
     return build_model(cfg.backbone, bundle.num_classes, cfg.data.image_size, cfg.method, cfg.method_options,
-                       cfg.weights, cfg.pretrained, head_seed=cfg.train.seed)
+                       cfg.weights, cfg.pretrained, head_seed=cfg.train.seed, task=bundle.task)
 
 
 def _positive_index(bundle: DataBundle) -> int | None:
@@ -236,10 +240,6 @@ def _positive_index(bundle: DataBundle) -> int | None:
     if bundle.task != "binary":
         return None
     return 1 if bundle.positive_class is None else int(bundle.positive_class)
-
-
-def _or1(index: int | None) -> int:
-    return 1 if index is None else index
 
 
 def _cross_validated(cfg: RunConfig, bundle: DataBundle, lr: float, folds: int, progress, evaluate_test: bool):
@@ -273,10 +273,18 @@ def _cross_validated(cfg: RunConfig, bundle: DataBundle, lr: float, folds: int, 
             if oof[epoch] is None:
                 oof[epoch] = np.zeros((len(train),) + probs.shape[1:], dtype=probs.dtype)
             oof[epoch][rows] = probs
-    labels = train.labels.numpy()
-    positive = _or1(_positive_index(bundle))
-    scores = [_score({**compute_metrics(labels, p, bundle.task, positive=positive), "loss": _log_loss(labels, p)},
-                     cfg.train.monitor) for p in oof]
+    plugin, options = get_task(bundle.task), task_options(bundle, cfg.train)
+    if options["monitor"] == "loss" and bundle.task not in ("binary", "multiclass"):
+        raise ConfigError(f"select cv:K with monitor loss needs single-label classification (got {bundle.task}); "
+                          "monitor a metric instead")
+    targets = plugin.targets(train)
+    plain_loss = plugin.loss(bundle, {**options, "class_weighted": False})
+    scores = []
+    for p in oof:  # the pooled out-of-fold predictions of each epoch, scored like a validation split
+        loss = float(plain_loss(torch.log(torch.as_tensor(p).clamp_min(1e-7)), targets)) \
+            if options["monitor"] == "loss" else float("nan")
+        scores.append(plugin.score({**plugin.scores(targets.numpy(), p, options), "loss": loss}, options["monitor"]))
+    labels = targets.numpy()
     chosen = int(np.argmax(scores)) + 1  # first best epoch
     refit_bundle = dataclasses.replace(bundle, val=train)  # no validation is read in a refit
     model, info, names, configs = _model_for(cfg, refit_bundle)
@@ -287,16 +295,9 @@ def _cross_validated(cfg: RunConfig, bundle: DataBundle, lr: float, folds: int, 
     # the learning curve is the pooled out-of-fold score of every epoch of the schedule
     result.curve = [[epoch * result.steps_per_epoch, score] for epoch, score in enumerate(scores, 1)]
     result.best_epoch, result.best_is_last = chosen, chosen == schedule.epochs
-    result.best_val = scores[chosen - 1] if cfg.train.monitor != "loss" else -scores[chosen - 1]
+    result.best_val = scores[chosen - 1] if plugin.direction(options["monitor"]) == "max" else -scores[chosen - 1]
     result.val_probs = oof[chosen - 1]
     return model, info, names, configs, result, labels
-
-
-def _log_loss(labels: np.ndarray, probs: np.ndarray) -> float:
-    probs = np.clip(probs, 1e-7, 1.0)
-    if labels.ndim == 2:  # multi-label: binary cross-entropy per label
-        return float(-np.mean(labels * np.log(probs) + (1 - labels) * np.log(np.clip(1 - probs, 1e-7, 1.0))))
-    return float(-np.mean(np.log(probs[np.arange(len(labels)), labels])))
 
 
 def write_run(out: Path, cfg: RunConfig, metrics: dict, history: list[dict], model, bundle: DataBundle, info) -> int:
@@ -325,16 +326,6 @@ def write_run(out: Path, cfg: RunConfig, metrics: dict, history: list[dict], mod
             writer.writeheader()
             writer.writerows(history)
     return metrics["adapter_bytes"]
-
-
-def write_predictions(path: Path, bundle: DataBundle, probs) -> None:
-    labels = bundle.test.labels.numpy()
-    with open(path, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["id", "label"] + [f"p_{c}" for c in bundle.class_names])
-        for ident, label, row in zip(bundle.test.ids, labels, probs):
-            label = "|".join(str(int(v)) for v in label) if getattr(label, "ndim", 0) else int(label)
-            writer.writerow([ident, label] + [f"{float(v):.8g}" for v in row])
 
 
 @dataclass
@@ -373,7 +364,7 @@ def load_run(path: str | Path, weights: str | None = None, merge: bool = False) 
         raise ConfigError(f"{adapter} lacks medpeft metadata {missing}; it was not written by medpeft")
     model, info, names, configs = build_model(
         meta["backbone"], int(meta["num_classes"]), int(meta["image_size"]), meta["method"],
-        json.loads(meta.get("method_options", "{}")), weights=weights, pretrained=True,
+        json.loads(meta.get("method_options", "{}")), weights=weights, pretrained=True, task=meta["task"],
     )
     load_trained_state(model, state, source=str(adapter))
     if merge:

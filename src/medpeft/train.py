@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .augment import MixConfig, build_augment, check_augment, mix_batch
@@ -21,12 +20,15 @@ from .batching import BatchLoader
 from .data.base import DataBundle, ImageSet
 from .errors import ConfigError
 from .methods import set_train_mode, trained_state_dict
-from .metrics import compute_metrics
+from .tasks import get_task
 from .trunk_cache import CachePlan, extract, memo_key, plan_cache
 
 _log = logging.getLogger(__name__)
 
-MONITORS = ("auroc", "acc", "balanced_acc", "f1", "loss")
+def known_monitors() -> set[str]:
+    from .tasks import TASKS
+
+    return {"auto", "loss"} | {m for task in TASKS.values() for m in task.metrics}
 
 
 @dataclass
@@ -47,7 +49,11 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_epochs: float = 1.0
     patience: int = 6  # epochs without validation improvement before stopping
-    monitor: str = "auroc"  # validation metric for early stopping / model selection
+    # validation metric for early stopping / model selection: auto (the task's primary metric:
+    # AUROC, Dice), loss, or a metric of the task (acc, f1, ...; dice, iou, hd95, ...)
+    monitor: str = "auto"
+    seg_loss: str = "dice_ce"  # segmentation loss: dice_ce | dice | ce | dice_focal
+    nsd_tolerance: float = 2.0  # segmentation: surface-Dice tolerance in pixels
     class_weighted: bool = False  # inverse-frequency class weights in the loss
     grad_clip: float | None = 1.0
     # auto (light, for every method alike: a comparison gives each method the same augmentation) |
@@ -72,8 +78,15 @@ class TrainConfig:
     fused_adamw: bool = True  # the fused AdamW kernel where torch has one for the device (CUDA, CPU)
 
     def __post_init__(self):
-        if self.monitor not in MONITORS:
-            raise ConfigError(f"monitor {self.monitor!r} is not one of {', '.join(MONITORS)}")
+        if self.monitor not in known_monitors():  # which task's metrics fit is checked by the task
+            raise ConfigError(f"monitor {self.monitor!r} is not one of {', '.join(sorted(known_monitors()))}")
+        from .tasks.seg_loss import SEG_LOSSES
+
+        if self.seg_loss not in SEG_LOSSES:
+            raise ConfigError(f"seg_loss {self.seg_loss!r} is not one of {', '.join(SEG_LOSSES)}")
+        if isinstance(self.nsd_tolerance, bool) or not isinstance(self.nsd_tolerance, (int, float)) \
+                or self.nsd_tolerance < 0:
+            raise ConfigError(f"nsd_tolerance must be a number of pixels >= 0, got {self.nsd_tolerance!r}")
         check_augment("none" if self.augment == "auto" else self.augment, self.augment_strength)
         MixConfig(mode=self.mix)  # ConfigError for an unknown mode
         if self.bn_stats not in ("frozen", "update"):
@@ -145,22 +158,13 @@ def plan_epochs(n_train: int, cfg: TrainConfig) -> tuple[int, int]:
     return max(epochs, math.ceil(cfg.min_steps / steps_per_epoch)), steps_per_epoch
 
 
-def loss_fn(task: str, class_weights: torch.Tensor | None):
-    if task == "multilabel":
-        return lambda logits, y: F.binary_cross_entropy_with_logits(logits, y.float(), pos_weight=class_weights)
-    return lambda logits, y: F.cross_entropy(logits, y, weight=class_weights)
-
-
-def to_probs(logits: torch.Tensor, task: str) -> torch.Tensor:
-    return torch.sigmoid(logits) if task == "multilabel" else torch.softmax(logits, dim=-1)
-
-
-def class_weights_for(labels: torch.Tensor, task: str, num_classes: int) -> torch.Tensor:
-    if task == "multilabel":
-        pos = labels.float().sum(0).clamp(min=1)
-        return (labels.shape[0] - pos) / pos  # pos_weight = negatives / positives
-    counts = torch.bincount(labels, minlength=num_classes).float().clamp(min=1)
-    return counts.sum() / (num_classes * counts)
+def task_options(bundle: DataBundle, cfg: TrainConfig, device=None) -> dict:
+    """What a task's loss, predictions and metrics need to know of the data and the run."""
+    task = get_task(bundle.task)
+    return {"kind": bundle.task, "num_classes": bundle.num_classes,
+            "positive": 1 if bundle.positive_class is None else int(bundle.positive_class),
+            "class_weighted": cfg.class_weighted, "seg_loss": cfg.seg_loss, "nsd_tolerance": cfg.nsd_tolerance,
+            "monitor": task.resolve_monitor(cfg.monitor), "device": device or "cpu"}
 
 
 class _TensorLoader:
@@ -192,27 +196,26 @@ class _TensorLoader:
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, loader, task: str, amp_dtype=None) -> tuple[np.ndarray, float]:
-    """Probabilities [N, K] and mean loss over a loader (model in eval mode)."""
+def predict(model: nn.Module, loader, task, options: dict, amp_dtype=None) -> tuple[np.ndarray, float]:
+    """The task's predictions (class probabilities, label maps) and the mean unweighted loss
+    over a loader (model in eval mode)."""
     set_train_mode(model, False)
-    probs, losses, n = [], 0.0, 0
-    criterion = loss_fn(task, None)
+    outs, losses, n = [], 0.0, 0
+    criterion = options["plain_loss"]
     for x, y in loader:
         with torch.autocast(loader.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(x)
         logits = logits.float()
         losses += float(criterion(logits, y)) * len(y)
         n += len(y)
-        probs.append(to_probs(logits, task).cpu())
-    return torch.cat(probs).numpy(), losses / max(n, 1)
+        outs.append(task.predictions(logits, options).cpu())
+    return torch.cat(outs).numpy(), losses / max(n, 1)
 
 
-def _score(metrics: dict, monitor: str) -> float:
-    """Higher is better; NaN (e.g. AUROC with one class in val) falls back to accuracy."""
-    if monitor == "loss":
-        return -metrics["loss"]
-    value = metrics.get(monitor, float("nan"))
-    return metrics["acc"] if value != value else value
+def evaluate(model, loader, data: ImageSet, task, options: dict, amp_dtype=None) -> tuple[np.ndarray, dict]:
+    """(predictions, metrics with the loss) of one split."""
+    preds, loss = predict(model, loader, task, options, amp_dtype)
+    return preds, {**task.scores(task.targets(data).numpy(), preds, options), "loss": loss}
 
 
 def use_channels_last(model: nn.Module, cfg: TrainConfig, device: torch.device) -> bool:
@@ -229,7 +232,8 @@ def make_loaders(bundle: DataBundle, mean, std, cfg: TrainConfig, device, augmen
                  channels_last: bool | None = None):
     if channels_last is None:
         channels_last = device.type == "cuda"
-    kw = dict(mean=mean, std=std, device=device, channels_last=channels_last)
+    kw = dict(mean=mean, std=std, device=device, channels_last=channels_last,
+              targets=get_task(bundle.task).targets)
     train = BatchLoader(bundle.train, cfg.batch_size, shuffle=True, augment=augment, seed=cfg.seed,
                         drop_last=True, **kw)
     val = BatchLoader(bundle.val, cfg.eval_batch_size, **kw)
@@ -262,6 +266,8 @@ class TrainingSetup:
     num_classes: int
     grad_clip: float | None
     bn_stats: str = "frozen"
+    task: object = None  # the Task: predictions and metrics
+    options: dict = field(default_factory=dict)  # task_options(), with "plain_loss" (unweighted)
     epochs: int = 1  # cfg.epochs, raised to meet cfg.min_steps
     steps_per_epoch: int = 1
 
@@ -308,7 +314,7 @@ def prepare_training(model: nn.Module, bundle: DataBundle, mean, std, cfg: Train
         net = plan.split.suffix
         # extraction reads every training image once, in order (not the shuffled, drop-last loader)
         ordered = BatchLoader(bundle.train, cfg.eval_batch_size, mean, std, device=device,
-                              channels_last=train_loader.channels_last)
+                              channels_last=train_loader.channels_last, targets=get_task(bundle.task).targets)
         train_loader = _cached_loader(plan, ordered, bundle.train.images, amp_dtype, cfg.batch_size,
                                       shuffle=True, seed=cfg.seed, drop_last=True)
         val_loader = _cached_loader(plan, val_loader, bundle.val.images, amp_dtype, cfg.eval_batch_size)
@@ -326,13 +332,14 @@ def prepare_training(model: nn.Module, bundle: DataBundle, mean, std, cfg: Train
         return 0.5 * (1 + math.cos(math.pi * min(progress_, 1.0)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
-    weights = class_weights_for(bundle.train.labels, bundle.task, bundle.num_classes).to(device) \
-        if cfg.class_weighted else None
+    task = get_task(bundle.task)
+    options = task_options(bundle, cfg, device)
+    options["plain_loss"] = task.loss(bundle, {**options, "class_weighted": False})
     step_net = torch.compile(net) if cfg.compile else net
     return TrainingSetup(
         model=model, net=net, step_net=step_net, train_loader=train_loader, val_loader=val_loader,
         test_loader=test_loader, optimizer=optimizer, scheduler=scheduler,
-        criterion=loss_fn(bundle.task, weights), params=params, device=device, amp_dtype=amp_dtype, cache=plan,
+        criterion=task.loss(bundle, options), params=params, task=task, options=options, device=device, amp_dtype=amp_dtype, cache=plan,
         augment_name=augment_name, mix=mix,
         mix_gen=torch.Generator().manual_seed(cfg.seed * 100_003 + 99_991),  # own stream: mixing on/off keeps the order
         num_classes=bundle.num_classes, grad_clip=cfg.grad_clip, epochs=epochs, steps_per_epoch=steps_per_epoch,
@@ -387,6 +394,7 @@ def train_model(model: nn.Module, bundle: DataBundle, mean, std, cfg: TrainConfi
                          augment=setup.augment_name, steps_per_epoch=setup.steps_per_epoch,
                          epochs_planned=setup.epochs)
     validate = stop_epoch is None
+    monitor = setup.options["monitor"]
     last_epoch = setup.epochs if validate else min(int(stop_epoch), setup.epochs)
 
     best_score, best_state, stale = -math.inf, None, 0
@@ -396,13 +404,10 @@ def train_model(model: nn.Module, bundle: DataBundle, mean, std, cfg: TrainConfi
         row = {"epoch": epoch, "epochs_total": setup.epochs, "step": epoch * setup.steps_per_epoch,
                "train_loss": train_loss, "lr": setup.optimizer.param_groups[0]["lr"]}
         if validate:
-            probs, loss = predict(net, setup.val_loader, bundle.task, amp_dtype)
-            val = compute_metrics(bundle.val.labels.numpy(), probs, bundle.task,
-                                  positive=_positive(bundle))
-            val["loss"] = loss
+            probs, val = evaluate(net, setup.val_loader, bundle.val, setup.task, setup.options, amp_dtype)
             if record_val_probs:
                 result.epoch_val_probs.append(probs)
-            score = _score(val, cfg.monitor)
+            score = setup.task.score(val, monitor)
             row["score"] = score
             if score > best_score:  # a real copy: later steps must not change the kept state
                 best_score, stale, result.best_epoch = score, 0, epoch
@@ -424,10 +429,11 @@ def train_model(model: nn.Module, bundle: DataBundle, mean, std, cfg: TrainConfi
     result.train_seconds = time.perf_counter() - start
     result.curve = [[row["step"], row["score"]] for row in result.history if "score" in row]
     if validate:
-        result.best_val = best_score if cfg.monitor != "loss" else -best_score
+        # the monitored value itself (a loss or an HD95 as it is, not negated)
+        result.best_val = best_score if setup.task.direction(monitor) == "max" else -best_score
         model.load_state_dict(best_state, strict=False)
         # Selection is over; the test split is read here, once, by the restored best state.
-        result.val_probs = predict(net, setup.val_loader, bundle.task, amp_dtype)[0]
+        result.val_probs = predict(net, setup.val_loader, setup.task, setup.options, amp_dtype)[0]
         result.best_is_last = result.best_epoch == len(result.history)
     else:
         result.best_epoch = len(result.history)
@@ -436,15 +442,17 @@ def train_model(model: nn.Module, bundle: DataBundle, mean, std, cfg: TrainConfi
     test_loader = setup.test_loader
     if setup.cache.active:
         test_loader = _cached_loader(setup.cache, test_loader, bundle.test.images, amp_dtype, cfg.eval_batch_size)
-    result.test_probs = predict(net, test_loader, bundle.task, amp_dtype)[0]
+    result.test_probs = predict(net, test_loader, setup.task, setup.options, amp_dtype)[0]
     return result
 
 
-def _positive(bundle: DataBundle) -> int:
-    return 1 if bundle.positive_class is None else int(bundle.positive_class)
-
-
-def predict_probs(model, images: ImageSet, mean, std, task: str, batch_size=128, device="cpu") -> np.ndarray:
-    loader = BatchLoader(images, batch_size, mean, std, device=resolve_device(device))
+def predict_images(model, images: ImageSet, mean, std, kind: str, num_classes: int, batch_size=128,
+                   device="cpu") -> np.ndarray:
+    """The task's predictions for images without targets (``medpeft predict``)."""
+    task = get_task(kind)
+    loader = BatchLoader(images, batch_size, mean, std, device=resolve_device(device), targets=lambda d: d.labels)
     model.to(loader.device)
-    return predict(model, loader, task)[0]
+    set_train_mode(model, False)
+    options = {"kind": kind, "num_classes": num_classes}
+    with torch.inference_mode():
+        return torch.cat([task.predictions(model(x).float(), options).cpu() for x, _ in loader]).numpy()

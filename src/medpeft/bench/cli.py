@@ -84,6 +84,8 @@ def add_benchmark_parsers(sub) -> dict:
                    help="named experiment: quick (the README's main job, < 10 min on 2 CPU cores) or full")
     g = p.add_argument_group("grid")
     g.add_argument("--data", default=None, help="comma-separated data sets (MedMNIST names, folders, manifests)")
+    g.add_argument("--task", choices=("classification", "segmentation"), default=None,
+                   help="what the data's targets are: classification (default) or segmentation (masks)")
     g.add_argument("--data-root", default=None, help="data root (default: $MEDPEFT_DATA)")
     g.add_argument("--medmnist-size", type=int, default=None, choices=(28, 64, 128, 224),
                    help="which MedMNIST file variant to read (default 28)")
@@ -180,7 +182,7 @@ def experiment_from_args(args):
                                ("patience", args.patience), ("device", args.device)) if v is not None}
     train.update(dict(args.train))
     exp = exp.updated(
-        data=args.data, data_root=args.data_root, medmnist_size=args.medmnist_size, backbones=args.backbones,
+        data=args.data, task=args.task, data_root=args.data_root, medmnist_size=args.medmnist_size, backbones=args.backbones,
         methods=args.methods, fractions=args.fractions, seeds=args.seeds, image_size=args.image_size,
         hpo_trials=args.hpo_trials, hpo_parallel=args.hpo_parallel, hpo_seed=args.hpo_seed,
         hpo_subsets=args.hpo_subsets, hpo_prune=args.hpo_prune, val_labels=args.val_labels, margin=args.margin,

@@ -26,7 +26,7 @@ HPO_KEYS = {"trials": "hpo_trials", "parallel": "hpo_parallel", "seed": "hpo_see
             "startup_trials": "hpo_startup_trials", "prune_min_epochs": "prune_min_epochs",
             "reduction_factor": "prune_reduction_factor", "trial_n_boot": "trial_n_boot"}
 TOP_KEYS = ("data", "data_root", "medmnist_size", "backbones", "methods", "fractions", "seeds", "image_size",
-            "hpo", "train", "method_options", "n_boot", "keep_adapters", "val_labels", "margin")
+            "hpo", "train", "method_options", "n_boot", "keep_adapters", "val_labels", "margin", "task")
 RUN_KEYS = ("out", "executor", "address")  # how to run it, not what: allowed in a YAML file too
 # TrainConfig fields a sweep sets itself per run
 TRAIN_RESERVED = ("seed",)
@@ -75,6 +75,7 @@ class Experiment:
     n_boot: int = 1000
     keep_adapters: bool = False  # keep each final run's adapter.safetensors (else only its size is kept)
     val_labels: str = "follow"  # selection labels: follow the label budget, or full (optimistic)
+    task: str = "classification"  # classification | segmentation (what the data's targets are)
     margin: float = 0.02  # equivalence margin of the report's TOST, in units of the metric
     notes: list[str] = field(default_factory=list, compare=False)  # filled by validate()
 
@@ -148,6 +149,15 @@ class Experiment:
         if not isinstance(self.hpo_prune, bool):
             raise ConfigError(f"{where}: hpo.prune must be true or false, got {self.hpo_prune!r}")
         self.hpo_subsets = _int(self.hpo_subsets, "hpo_subsets", where, 1)
+        from ..tasks import TASKS
+
+        if self.task not in TASKS:
+            raise ConfigError(f"{where}: task {self.task!r} is not one of {', '.join(TASKS)}")
+        try:  # a monitor of another task (auroc for segmentation) fails before any job starts
+            TASKS[self.task].resolve_monitor((self.train or {}).get("monitor", "auto") if isinstance(self.train, dict)
+                                             else "auto")
+        except ConfigError as err:
+            raise ConfigError(f"{where}: train: {err}") from None
         if self.val_labels not in ("follow", "full"):
             raise ConfigError(f"{where}: val_labels {self.val_labels!r} is not one of follow, full")
         if isinstance(self.margin, bool) or not isinstance(self.margin, Real) or not 0 < float(self.margin) < 1:
@@ -283,10 +293,6 @@ class Experiment:
                                   self.fractions.index(c.fraction)))
         self.notes = list(dict.fromkeys(self.notes + notes))  # validate()'s notes stay
         return cells
-
-    def job_count(self) -> int:
-        return len(self.cells()) * (self.hpo_trials + len(self.seeds))
-
 
 # ---------------------------------------------------------------------- helpers
 

@@ -112,6 +112,8 @@ def make_pruner(settings: HpoSettings) -> optuna.pruners.BasePruner:
 
 def monitor_score(row: dict, monitor: str) -> float:
     """The epoch's validation score, higher is better, as the trainer ranks it (NaN AUROC -> accuracy)."""
+    if "score" in row:  # the trainer's own score, in the task's direction
+        return float(row["score"])
     if monitor == "loss":
         return -float(row["val_loss"])
     value = row.get(f"val_{monitor}", float("nan"))

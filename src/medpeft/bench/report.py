@@ -36,7 +36,7 @@ from .store import Store, export
 
 BASELINE = "full"  # the reference every method is compared with
 # never counted as PEFT: full fine-tuning, the linear probe and partial fine-tuning
-BASELINES = ("full", "linear", "partial")
+BASELINES = ("full", "linear", "decoder", "partial")
 ALPHA = 0.05
 DEFAULT_MARGIN = 0.02  # equivalence margin on the metric's scale (experiment meta "margin" overrides)
 POWER = 0.8
@@ -148,7 +148,8 @@ def _one(values):
     return known[0] if len(known) == 1 else "/".join(str(v) for v in known)
 
 
-def summarize(runs, margin: float = DEFAULT_MARGIN, alpha: float = ALPHA, lower_val_is_better: bool = False) -> list[dict]:
+def summarize(runs, margin: float = DEFAULT_MARGIN, alpha: float = ALPHA, lower_val_is_better: bool = False,
+              higher_is_better: bool = True) -> list[dict]:
     """Per (data, backbone, method, fraction): mean/std/CI over seeds, costs, labels, comparison to full.
 
     The comparison to full fine-tuning (same seeds) gives the raw paired t p (``p_t``), the Holm p
@@ -156,7 +157,9 @@ def summarize(runs, margin: float = DEFAULT_MARGIN, alpha: float = ALPHA, lower_
     BH q over every comparison of the sweep (``q_bh``), the TOST p within +-margin (``tost_p``) and
     the ``verdict``. ``rank`` orders by test mean (descriptive only); ``val_best`` marks the method
     a reader would pick: the highest mean validation score (lowest when the monitor is the loss).
+    ``higher_is_better=False`` (HD95, ASSD): "better" means a lower test metric, and ranks follow.
     """
+    sign = 1.0 if higher_is_better else -1.0
     out = []
     if runs.empty:
         return out
@@ -207,9 +210,9 @@ def summarize(runs, margin: float = DEFAULT_MARGIN, alpha: float = ALPHA, lower_
         for r, p in zip(family, holm([r["p_t"] for r in family])):
             r["p_holm"] = p  # within the cell: the methods compared with full there
             if r["n_pairs"]:
-                r["verdict"] = verdict(r["delta"], p, r["tost_p"], alpha)
+                r["verdict"] = verdict(None if r["delta"] is None else sign * r["delta"], p, r["tost_p"], alpha)
         # rank 1 = best mean test metric: a description, never the basis of a choice
-        ordered = sorted(rows, key=lambda r: -r["mean"] if r["mean"] == r["mean"] else math.inf)
+        ordered = sorted(rows, key=lambda r: -sign * r["mean"] if r["mean"] == r["mean"] else math.inf)
         for rank, row in enumerate(ordered, 1):
             row["rank"] = rank
         best = _val_best(rows, lower_val_is_better)
@@ -274,7 +277,7 @@ def significance(row) -> str:
 # ---------------------------------------------------------------------- plots
 
 
-def _plots(summary: list[dict], out: Path, metric: str) -> dict:
+def _plots(summary: list[dict], out: Path, metric: str, direction: str = "max") -> dict:
     """PNG files per (data, backbone): {'fraction': path, 'pareto': {fraction: path}}."""
     import matplotlib
 
@@ -318,7 +321,7 @@ def _plots(summary: list[dict], out: Path, metric: str) -> dict:
             if not pts:
                 continue
             fig, ax = plt.subplots(figsize=(7, 4.5))
-            front = pareto_front(pts)
+            front = pareto_front(pts, higher_is_better=direction == "max")
             for r in pts:
                 on_front = any(r is o for o in front)
                 ax.scatter(r["trainable_pct"], r["mean"], s=60 if on_front else 30,
@@ -390,12 +393,14 @@ def _curve_plots(runs, out: Path, monitor: str) -> dict:
     return files
 
 
-def pareto_front(rows: list[dict]) -> list[dict]:
-    """Rows no other row beats on both axes (fewer trainable % and a higher metric, one strictly)."""
+def pareto_front(rows: list[dict], higher_is_better: bool = True) -> list[dict]:
+    """Rows no other row beats on both axes (fewer trainable % and a better metric, one strictly)."""
+    sign = 1.0 if higher_is_better else -1.0
     front = []
     for r in rows:
-        dominated = any(o is not r and o["trainable_pct"] <= r["trainable_pct"] and o["mean"] >= r["mean"]
-                        and (o["trainable_pct"] < r["trainable_pct"] or o["mean"] > r["mean"]) for o in rows)
+        dominated = any(o is not r and o["trainable_pct"] <= r["trainable_pct"] and sign * o["mean"] >= sign * r["mean"]
+                        and (o["trainable_pct"] < r["trainable_pct"] or sign * o["mean"] > sign * r["mean"])
+                        for o in rows)
         if not dominated:
             front.append(r)
     return front
@@ -703,10 +708,17 @@ def to_html(blocks: list[Block]) -> str:
 # ---------------------------------------------------------------------- entry points
 
 
+def experiment_task(experiment: dict | None):
+    from ..tasks import get_task
+
+    return get_task((experiment or {}).get("task") or "classification")
+
+
 def default_metric(store: Store) -> str:
+    """The sweep's monitored metric, or its task's primary one (AUROC, Dice) for auto / loss."""
     experiment = store.get_meta("experiment") or {}
     monitor = (experiment.get("train") or {}).get("monitor", "auroc")
-    return "auroc" if monitor == "loss" else monitor
+    return experiment_task(experiment).primary_metric if monitor in ("auto", "loss") else monitor
 
 
 def _margin(margin, experiment: dict | None) -> float:
@@ -735,13 +747,15 @@ def build_report(out_dir: str | Path, metric: str | None = None, formats=("csv",
         experiment = store.get_meta("experiment") or {}
         metric = metric or default_metric(store)
         margin = _margin(margin, experiment)
-        monitor = (experiment.get("train") or {}).get("monitor", "auroc")
+        task = experiment_task(experiment)
+        monitor = task.resolve_monitor((experiment.get("train") or {}).get("monitor", "auroc"))
         report_dir = out_dir / "report"
         report_dir.mkdir(parents=True, exist_ok=True)
         runs = final_runs(store, metric)
-        summary = summarize(runs, margin=margin, lower_val_is_better=monitor == "loss")
+        summary = summarize(runs, margin=margin, lower_val_is_better=task.direction(monitor) == "min",
+                            higher_is_better=task.direction(metric) == "max")
         cells = cell_summaries(summary, margin=margin)
-        plots = _plots(summary, report_dir / "plots", metric) if summary else {}
+        plots = _plots(summary, report_dir / "plots", metric, task.direction(metric)) if summary else {}
         for (data, backbone, fraction), path in _curve_plots(runs, report_dir / "plots", monitor).items():
             plots.setdefault((data, backbone), {"pareto": {}}).setdefault("curves", {})[fraction] = path
         files, notes = export(store, report_dir, formats)

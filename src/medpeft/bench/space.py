@@ -40,6 +40,7 @@ SEARCH_SPACES: dict[str, dict[str, list]] = {
     "partial": {"k": [1, 2, 4]},
     "full": {},
     "linear": {},
+    "decoder": {},
 }
 
 

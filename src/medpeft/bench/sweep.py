@@ -100,7 +100,8 @@ class Sweep:
         subset_seed = seed if subset_seed is None else subset_seed
         data = DataConfig(name=cell.data, root=self.exp.data_root, image_size=cell.image_size,
                           medmnist_size=self.exp.medmnist_size, fraction=cell.fraction if subset else None,
-                          subset_seed=subset_seed if subset else 0, val_labels=self.exp.val_labels)
+                          subset_seed=subset_seed if subset else 0, val_labels=self.exp.val_labels,
+                          task=self.exp.task)
         train = TrainConfig(**{**self.exp.train, **train_params, "seed": seed})
         cfg = RunConfig(data=data, train=train, backbone=cell.backbone, method=cell.method,
                         method_options=options, n_boot=n_boot)

@@ -10,7 +10,7 @@ from typing import Literal
 
 import torch
 
-Task = Literal["binary", "multiclass", "multilabel"]
+Task = Literal["binary", "multiclass", "multilabel", "segmentation"]
 
 
 @dataclass
@@ -19,14 +19,19 @@ class ImageSet:
 
     images: uint8 [N, C, H, W], C = 1 (grayscale) or 3 (RGB), already at the run's image size.
     labels: int64 [N] for binary/multiclass, float32 [N, L] (0/1) for multilabel.
+           For segmentation: the image-level stratum (the image's class where the data has one,
+           else 1 if the mask has foreground, 0 if not), used to stratify splits and subsets.
     ids:    one string per image (relative file name or ``split/index``) - never patient data.
     groups: optional group per image (patient id hash, near-duplicate cluster) for leak-free splits.
+    masks:  segmentation targets: uint8 [N, H, W] class index per pixel (0 = background), at the
+            run's image size; None for classification.
     """
 
     images: torch.Tensor
     labels: torch.Tensor
     ids: list[str]
     groups: list[str] | None = None
+    masks: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -39,6 +44,7 @@ class ImageSet:
             labels=self.labels[index],
             ids=[self.ids[i] for i in idx],
             groups=None if self.groups is None else [self.groups[i] for i in idx],
+            masks=None if self.masks is None else self.masks[index],
         )
 
 
@@ -71,6 +77,10 @@ class DataConfig:
     """What to load and how. Plain values only: this is written to the run's config YAML."""
 
     name: str = "breastmnist"  # a MedMNIST flag, a folder of class sub-folders, or a CSV manifest
+    task: str = "classification"  # classification | segmentation (images with masks)
+    # segmentation: names of the mask values 0..K-1 (0 = background; a list or "a,b,c");
+    # None: binary ["background", "lesion"]
+    mask_classes: list[str] | None = None
     root: str | None = None  # data root; MedMNIST default: $MEDPEFT_DATA or medmnist's default
     image_size: int = 64  # size the images are resized to (square)
     medmnist_size: int | None = None  # which MedMNIST file variant (28/64/128/224); None: 28

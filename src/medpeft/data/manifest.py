@@ -3,6 +3,10 @@
 Paths are relative to the manifest's folder, or to ``cfg.root`` when given, and must stay
 inside that root: ``..``, absolute paths elsewhere and symlinks pointing out are refused.
 
+Segmentation (``task: segmentation``): an extra ``mask`` column gives each image's mask file,
+checked like ``path``; ``label`` becomes optional (the split stratum). Read by ``data/masks.py``;
+classification manifests ignore the column.
+
 Positive class (binary manifests): there is no clinical default, so without ``--positive-class``
 it is index 1, the second class name in the manifest's class order; name it explicitly.
 """
@@ -76,6 +80,54 @@ def _inside(root_real: str, rel: str, where: str) -> str:
     return real
 
 
+def manifest_files(rows, root_real: str, path: str, column: str = "path") -> tuple[list[str], list[str]]:
+    """(absolute files, ids relative to the root) of one path column (``path``, or ``mask`` for
+    segmentation): every entry non-empty, inside the root and an existing file; images once each."""
+    what = "" if column == "path" else f"{column} "
+    files, ids, seen = [], [], {}
+    for line, row in rows:
+        where = f"{path} line {line}" + (f", column {column!r}" if what else "")
+        real = _inside(root_real, row[column], where)
+        image_id = os.path.relpath(real, root_real).replace(os.sep, "/")
+        if column == "path" and image_id in seen:
+            raise DataError(f"{where}: {row['path']!r} is listed twice (first on line {seen[image_id]}); "
+                            "each image must appear once")
+        seen[image_id] = line
+        files.append(real)
+        ids.append(image_id)
+    missing = [(line, row[column]) for (line, row), f in zip(rows, files) if not os.path.isfile(f)]
+    if missing:
+        shown = "; ".join(f"line {line}: {p}" for line, p in missing[:5])
+        raise DataError(f"manifest {path}: {len(missing)} listed {what}file(s) do not exist under {root_real} "
+                        f"({shown})")
+    return files, ids
+
+
+def manifest_split(rows, columns: list[str], path: str) -> list[str] | None:
+    """The split column's values (train/val/test per row), or None without a split column."""
+    if "split" not in columns:
+        return None
+    split = []
+    for line, row in rows:
+        value = row["split"].lower()
+        if value not in SPLITS:
+            raise DataError(f"{path} line {line}: split {row['split']!r} is not one of train, val, test")
+        split.append(value)
+    return split
+
+
+def manifest_groups(rows, group_column: str | None, path: str) -> list[str] | None:
+    """Hashed group (patient) ids per row, or None without a group column."""
+    if not group_column:
+        return None
+    groups = []
+    for line, row in rows:
+        if not row[group_column]:
+            raise DataError(f"{path} line {line}: empty {group_column!r}; every row needs a group")
+        groups.append(_hash_group(row[group_column]))
+    return groups
+
+
 def _labels(rows, cfg: DataConfig, path: str):
     if cfg.label_columns:
         matrix = []
@@ -123,37 +175,9 @@ def load_manifest(path: str, cfg: DataConfig) -> Manifest:
     root_real = os.path.realpath(root)
     if not os.path.isdir(root_real):
         raise DataError(f"data root of manifest {path} is not a folder: {root}")
-    files, ids, seen = [], [], {}
-    for line, row in rows:
-        where = f"{path} line {line}"
-        real = _inside(root_real, row["path"], where)
-        image_id = os.path.relpath(real, root_real).replace(os.sep, "/")
-        if image_id in seen:
-            raise DataError(f"{where}: {row['path']!r} is listed twice (first on line {seen[image_id]}); "
-                            "each image must appear once")
-        seen[image_id] = line
-        files.append(real)
-        ids.append(image_id)
-    missing = [(line, row["path"]) for (line, row), f in zip(rows, files) if not os.path.isfile(f)]
-    if missing:
-        shown = "; ".join(f"line {line}: {p}" for line, p in missing[:5])
-        raise DataError(f"manifest {path}: {len(missing)} listed file(s) do not exist under {root_real} ({shown})")
-
-    split = None
-    if "split" in columns:
-        split = []
-        for line, row in rows:
-            value = row["split"].lower()
-            if value not in SPLITS:
-                raise DataError(f"{path} line {line}: split {row['split']!r} is not one of train, val, test")
-            split.append(value)
-    groups = None
-    if group_column:
-        groups = []
-        for line, row in rows:
-            if not row[group_column]:
-                raise DataError(f"{path} line {line}: empty {group_column!r}; every row needs a group")
-            groups.append(_hash_group(row[group_column]))
+    files, ids = manifest_files(rows, root_real, path)
+    split = manifest_split(rows, columns, path)
+    groups = manifest_groups(rows, group_column, path)
 
     task, class_names, labels = _labels(rows, cfg, path)
     images = load_images(files, cfg.image_size, cfg.dicom_window)

@@ -1,7 +1,8 @@
 """``load_data``: one entry point for every data source.
 
 Dispatch on ``cfg.name``: a MedMNIST flag -> official npz files; a folder -> image folder
-of class sub-folders; a ``*.csv`` file -> manifest. Then the split (official, from the
+of class sub-folders; a ``*.csv`` file -> manifest (``task: segmentation``: images with masks,
+read by ``masks.py``). Then the split (official, from the
 manifest, from a split file, or stratified/grouped by seed) and the label-scarcity subset.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ from medpeft.data.splits import (VAL_LABELS, apply_subset, assign_from_split_fil
 from medpeft.errors import ConfigError, DataError
 from medpeft.metrics import resolve_positive_class
 
-SOURCE_KINDS = ("medmnist", "folder", "manifest")
+TASKS = ("classification", "segmentation")  # medpeft.tasks.TASKS (not imported here: it imports the data layer)
 
 
 def _candidates(name: str, root: str | None) -> list[str]:
@@ -51,6 +52,8 @@ def resolve_source(cfg: DataConfig) -> tuple[str, str]:
 
 
 def _check_config(cfg: DataConfig) -> None:
+    if cfg.task not in TASKS:
+        raise ConfigError(f"task {cfg.task!r} is not one of {', '.join(TASKS)}")
     size = cfg.image_size
     if isinstance(size, bool) or not isinstance(size, Integral) or size < 1:
         raise ConfigError(f"image_size must be a whole number >= 1 (pixels, square), got {size!r}")
@@ -70,7 +73,13 @@ def load_data(cfg: DataConfig) -> DataBundle:
     """Load, split and subset the data described by cfg; images are uint8 at cfg.image_size."""
     _check_config(cfg)
     kind, where = resolve_source(cfg)
-    if kind == "medmnist":
+    if cfg.task == "segmentation":  # images with masks: data/masks.py reads them, the split is shared
+        from medpeft.data.masks import load_segmentation
+
+        source = load_segmentation(kind, where, cfg)
+        bundle = _split_bundle(source.name, "segmentation", source.class_names, source.pool, source.split, cfg)
+        bundle.split_info.update(strata=source.strata_names, layout=source.layout)
+    elif kind == "medmnist":
         bundle = load_medmnist(where, cfg)
         if cfg.split_file:
             pool = concat_sets([bundle.train, bundle.val, bundle.test])

@@ -132,8 +132,9 @@ def concat_sets(sets: Sequence[ImageSet]) -> ImageSet:
     groups = None
     if all(s.groups is not None for s in sets):
         groups = [g for s in sets for g in s.groups]
+    masks = torch.cat([s.masks for s in sets]) if all(s.masks is not None for s in sets) else None
     return ImageSet(images=torch.cat([s.images for s in sets]), labels=torch.cat([s.labels for s in sets]),
-                    ids=[i for s in sets for i in s.ids], groups=groups)
+                    ids=[i for s in sets for i in s.ids], groups=groups, masks=masks)
 
 
 def split_info_for(kind: str, train: ImageSet, val: ImageSet, test: ImageSet, **extra) -> dict:

@@ -5,7 +5,6 @@ from .base import (
     apply_methods,
     build_configs,
     config_to_dict,
-    configs_from_dict,
     count_parameters,
     get_method,
     is_mergeable,
@@ -19,7 +18,7 @@ from .base import (
 )
 
 __all__ = [
-    "MethodConfig", "MethodSpec", "apply_methods", "build_configs", "config_to_dict", "configs_from_dict",
+    "MethodConfig", "MethodSpec", "apply_methods", "build_configs", "config_to_dict",
     "count_parameters", "get_method", "is_mergeable", "list_methods", "load_trained_state", "merge_methods",
     "parse_method", "register_method", "set_train_mode", "trained_state_dict",
 ]

@@ -15,7 +15,6 @@ Conventions the rest of medpeft relies on:
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from typing import Callable
 
@@ -91,8 +90,8 @@ def parse_method(spec: str) -> list[str]:
         get_method(name)
     if len(set(names)) != len(names):
         raise ConfigError(f"method {spec!r} names a method twice")
-    if len(names) > 1 and ("full" in names or "linear" in names):
-        raise ConfigError(f"method {spec!r}: 'full' and 'linear' are baselines and cannot be combined")
+    if len(names) > 1 and any(n in names for n in ("full", "linear", "decoder")):
+        raise ConfigError(f"method {spec!r}: 'full', 'linear' and 'decoder' are baselines and cannot be combined")
     return names
 
 
@@ -126,13 +125,6 @@ def build_configs(names: list[str], options: dict | None = None) -> dict[str, Me
 
 def config_to_dict(configs: dict[str, MethodConfig]) -> dict:
     return {name: dataclasses.asdict(cfg) for name, cfg in configs.items()}
-
-
-def configs_from_dict(data: dict) -> dict[str, MethodConfig]:
-    return {name: get_method(name).config_cls(**values) for name, values in data.items()}
-
-
-# --------------------------------------------------------------------------- applying
 
 
 def head_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -244,10 +236,6 @@ def load_trained_state(model: nn.Module, state: dict[str, torch.Tensor], source:
         if expected[key].shape != value.shape:
             raise ConfigError(f"{source}: tensor {key!r} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}")
     model.load_state_dict(state, strict=False)
-
-
-def describe(names: list[str], configs: dict[str, MethodConfig]) -> str:
-    return "+".join(names) + " " + json.dumps(config_to_dict(configs), sort_keys=True)
 
 
 _LOADED = False

@@ -25,3 +25,12 @@ def apply_full(model: nn.Module, cfg) -> None:
 )
 def apply_linear(model: nn.Module, cfg) -> None:
     """Nothing besides the head (which apply_methods always trains)."""
+
+
+@register_method(
+    "decoder", ("cnn", "vit"), description="the frozen backbone under a trained task head: for segmentation the "
+    "decoder alone (the analogue of linear probing); for classification the same as linear",
+    default_lr=1e-3, merge=_nothing_to_merge, identity_at_init=True, reference="-",
+)
+def apply_decoder(model: nn.Module, cfg) -> None:
+    """Nothing besides the head/decoder (which is always trained)."""

@@ -1,0 +1,93 @@
+"""The Task protocol: everything that differs between classification, segmentation, ...
+
+A task answers: what a target is (``targets``), what goes on the backbone (``build_model``:
+head or decoder, always trained and saved with the adapter, like peft's ``modules_to_save``),
+the loss, how model outputs become predictions, which metrics exist and in which direction,
+the default monitor, and how predictions are written. ``run``, ``train``, the sweep and the
+report ask the task; none of them branches on its name.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data.base import DataBundle, ImageSet
+from ..errors import ConfigError
+
+
+class Task:
+    name: str = ""
+    # metric name -> "max" (higher is better) or "min"
+    metrics: dict[str, str] = {}
+    primary_metric: str = ""
+    fallback_metric: str = ""  # monitored when the primary is undefined on a validation set
+
+    # ------------------------------------------------------------------ metrics
+
+    def monitors(self) -> tuple[str, ...]:
+        return tuple(self.metrics) + ("loss",)
+
+    def resolve_monitor(self, monitor: str) -> str:
+        """"auto" -> the task's primary metric; anything else must be one of ``monitors()``."""
+        if monitor == "auto":
+            return self.primary_metric
+        if monitor not in self.monitors():
+            raise ConfigError(f"monitor {monitor!r} is not a {self.name} metric; expected auto or one of "
+                              f"{', '.join(self.monitors())}")
+        return monitor
+
+    def score(self, values: dict, monitor: str) -> float:
+        """The monitored value as a score where higher is better (model selection, HPO)."""
+        if monitor == "loss":
+            return -float(values["loss"])
+        value = float(values.get(monitor, float("nan")))
+        if math.isnan(value):
+            value = float(values.get(self.fallback_metric, float("nan")))
+            monitor = self.fallback_metric
+        return value if self.metrics.get(monitor, "max") == "max" else -value
+
+    def direction(self, metric: str) -> str:
+        return "min" if metric == "loss" else self.metrics.get(metric, "max")
+
+    # ------------------------------------------------------------------ to implement
+
+    def targets(self, data: ImageSet) -> torch.Tensor:
+        raise NotImplementedError
+
+    def build_model(self, backbone: str, num_classes: int, image_size: int, in_chans: int = 3,
+                    weights: str | None = None, pretrained: bool = True) -> tuple[nn.Module, object]:
+        """The backbone with this task's head/decoder: (model, backbone info). The model's
+        ``get_classifier()`` returns the part that is always trained and saved."""
+        raise NotImplementedError
+
+    def methods_target(self, model: nn.Module) -> nn.Module:
+        """The part of the model the PEFT methods adapt (the backbone/encoder)."""
+        return model
+
+    def loss(self, bundle: DataBundle, options: dict) -> callable:
+        raise NotImplementedError
+
+    def predictions(self, outputs: torch.Tensor, options: dict) -> torch.Tensor:
+        """Model outputs (logits) -> what the metrics read (probabilities, label maps)."""
+        raise NotImplementedError
+
+    def scores(self, targets: np.ndarray, predictions: np.ndarray, options: dict) -> dict:
+        """Per-epoch metrics (cheap) for selection."""
+        raise NotImplementedError
+
+    def metrics_with_ci(self, targets: np.ndarray, predictions: np.ndarray, options: dict, n_boot: int,
+                        seed: int) -> dict:
+        raise NotImplementedError
+
+    def write_predictions(self, out: Path, bundle: DataBundle, predictions: np.ndarray) -> list[str]:
+        """Write the test predictions into the run folder; returns the files written."""
+        raise NotImplementedError
+
+    def write_user_predictions(self, files: list[str], predictions: np.ndarray, class_names: list[str], kind: str,
+                               out: str | None) -> str:
+        """``medpeft predict``: write (or print) the predictions of ``files``; returns a summary line."""
+        raise NotImplementedError

@@ -1,0 +1,225 @@
+"""Segmentation: an encoder (any backbone of the registry, adapted by the PEFT methods) with a
+light FPN-style decoder that is always trained and saved with the adapter (peft's
+``modules_to_save``); Dice + cross-entropy; per-pixel label maps; Dice, IoU, VS, HD95, ASSD,
+NSD (``seg_metrics``); mask PNGs and per-image metrics as predictions.
+
+Why our own decoder instead of segmentation-models-pytorch: smp's timm encoders are timm's
+``features_only`` wrappers, which drop the attributes the methods find their layers by
+(``blocks``, ``patch_embed``, ``get_classifier``, prompt hooks). Here the encoder stays the
+plain timm model and its feature maps are read with forward hooks while its own
+``forward_features`` runs, so every method applies to it exactly as in classification.
+"""
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.base import DataBundle, ImageSet
+from .base import Task
+
+DECODER_CHANNELS = 64
+PYRAMID_LEVELS = 4
+
+
+def _conv_gn_relu(cin: int, cout: int, k: int = 3) -> nn.Sequential:
+    # GroupNorm, not BatchNorm: no running statistics, so the frozen-BN policy of the encoder and
+    # batches of a few images neither matter here
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.GroupNorm(8, cout),
+                         nn.ReLU(inplace=True))
+
+
+class FpnDecoder(nn.Module):
+    """Feature maps (fine to coarse) -> class logits at the input size.
+
+    Laterals project every level to ``channels``; a top-down pass adds each coarser level,
+    upsampled, to the next finer one (FPN); the result is refined by 2x up-convolutions down to
+    stride 4 (a ViT's maps all have the patch stride: this is its progressive upsampling) and
+    a 1x1 head gives the logits, bilinearly resized to the input.
+    """
+
+    def __init__(self, in_channels: list[int], num_classes: int, channels: int = DECODER_CHANNELS):
+        super().__init__()
+        self.laterals = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in in_channels)
+        self.smooth = _conv_gn_relu(channels, channels)
+        self.refine = nn.ModuleList(_conv_gn_relu(channels, channels) for _ in range(3))
+        self.head = nn.Conv2d(channels, num_classes, 1)
+
+    def forward(self, features: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        lat = [conv(f) for conv, f in zip(self.laterals, features)]
+        x = lat[-1]
+        for finer in reversed(lat[:-1]):
+            x = F.interpolate(x, size=finer.shape[-2:], mode="bilinear", align_corners=False) + finer
+        x = self.smooth(x)
+        for conv in self.refine:  # up to stride 4 at most three times
+            if x.shape[-1] * 4 >= size[-1]:
+                break
+            x = conv(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False))
+        return F.interpolate(self.head(x), size=size, mode="bilinear", align_corners=False)
+
+
+class FeatureTaps:
+    """Forward hooks on encoder modules that keep their outputs as [B, C, h, w] maps."""
+
+    def __init__(self, encoder: nn.Module, names: list[str], grid):
+        self.outputs: list[torch.Tensor | None] = [None] * len(names)
+        self.grid = grid  # (H, W) of the input -> (h, w) of a token sequence's patch grid
+        modules = dict(encoder.named_modules())
+        self.handles = [modules[n].register_forward_hook(self._keeper(i)) for i, n in enumerate(names)]
+
+    def _keeper(self, i: int):
+        def keep(module, args, output):
+            self.outputs[i] = output
+        return keep
+
+    def maps(self, size) -> list[torch.Tensor]:
+        out = []
+        for t in self.outputs:
+            if t.dim() == 3:  # tokens [B, N, C]: the patch tokens are the last h*w (CLS and prompts come first)
+                h, w = self.grid(size)
+                t = t[:, -h * w:].transpose(1, 2).reshape(t.shape[0], t.shape[2], h, w)
+            out.append(t)
+        return out
+
+
+def pyramid_taps(encoder: nn.Module) -> tuple[list[str], list[int]]:
+    """(module names, channels) of the feature levels to decode, from timm's ``feature_info``:
+    the last four distinct strides of a CNN, four evenly spaced blocks of a ViT."""
+    info = list(getattr(encoder, "feature_info", []) or [])
+    if not info:
+        raise ValueError(f"{type(encoder).__name__} has no feature_info: cannot tap feature maps")
+    by_stride: dict[int, dict] = {}
+    for entry in info:
+        by_stride[entry["reduction"]] = entry  # the last module of each stride
+    if len(by_stride) >= PYRAMID_LEVELS:
+        chosen = [by_stride[r] for r in sorted(by_stride)][-PYRAMID_LEVELS:]
+    else:  # a plain ViT: every block has the patch stride
+        step = len(info) / PYRAMID_LEVELS
+        chosen = [info[int(round(step * (i + 1))) - 1] for i in range(PYRAMID_LEVELS)]
+    return [e["module"] for e in chosen], [int(e["num_chs"]) for e in chosen]
+
+
+class SegmentationModel(nn.Module):
+    """encoder (a timm backbone, PEFT-adapted) + decoder (always trained, saved with the adapter)."""
+
+    def __init__(self, encoder: nn.Module, num_classes: int, patch: int | None):
+        super().__init__()
+        self.encoder = encoder
+        names, channels = pyramid_taps(encoder)
+        self.decoder = FpnDecoder(channels, num_classes)
+        self.tap_names = names
+        patch = patch or 1
+        self._taps = FeatureTaps(encoder, names, lambda size: (size[0] // patch, size[1] // patch))
+
+    def get_classifier(self) -> nn.Module:  # what medpeft always trains and saves
+        return self.decoder
+
+    @property
+    def medpeft_methods(self) -> list[str]:
+        return getattr(self.encoder, "medpeft_methods", [])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.encoder.forward_features(x)
+        return self.decoder(self._taps.maps(x.shape[-2:]), x.shape[-2:])
+
+
+def _safe_name(ident: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", ident)
+
+
+class SegmentationTask(Task):
+    name = "segmentation"
+    primary_metric = "dice"
+    fallback_metric = "dice"
+
+    @property
+    def metrics(self) -> dict:
+        from .seg_metrics import SEG_METRICS
+
+        return SEG_METRICS
+
+    def targets(self, data: ImageSet) -> torch.Tensor:
+        return data.masks
+
+    def build_model(self, backbone, num_classes, image_size, in_chans=3, weights=None, pretrained=True):
+        from ..backbones import create_backbone
+
+        encoder, info = create_backbone(backbone, num_classes=0, image_size=image_size, weights=weights,
+                                        pretrained=pretrained, in_chans=in_chans)
+        return SegmentationModel(encoder, num_classes, getattr(info, "patch_size", None)), info
+
+    def methods_target(self, model: nn.Module) -> nn.Module:
+        return model.encoder
+
+    def loss(self, bundle: DataBundle, options: dict):
+        from .seg_loss import seg_loss
+
+        return seg_loss(options.get("seg_loss", "dice_ce"), bundle.num_classes)
+
+    def predictions(self, outputs: torch.Tensor, options: dict) -> torch.Tensor:
+        return outputs.argmax(dim=1).to(torch.uint8)  # label maps: all the metrics read
+
+    def scores(self, targets, predictions, options):
+        from .seg_metrics import mean_scores
+
+        # distances (HD95, ASSD) are the slow part: only when selection asks for them
+        distances = options.get("monitor") in ("hd95", "assd", "nsd")
+        return mean_scores(predictions, targets, options["num_classes"], options.get("nsd_tolerance", 2.0),
+                           distances=distances)
+
+    def metrics_with_ci(self, targets, predictions, options, n_boot, seed):
+        from .seg_metrics import seg_metrics_with_ci
+
+        return seg_metrics_with_ci(predictions, targets, options["num_classes"],
+                                   nsd_tolerance=options.get("nsd_tolerance", 2.0), n_boot=n_boot, seed=seed)
+
+    def write_user_predictions(self, files, predictions, class_names, kind, out):
+        """Per image: ``<stem>_mask.png`` (class index x 255 // (K - 1), at the image's own size) and
+        ``<stem>_overlay.png`` (the image with the predicted region tinted red)."""
+        from PIL import Image
+
+        from ..errors import ConfigError
+
+        if not out:
+            raise ConfigError("medpeft predict on a segmentation run needs --out FOLDER for the mask PNGs")
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        scale = 255 // max(len(class_names) - 1, 1)
+        for path, mask in zip(files, predictions):
+            image = Image.open(path).convert("RGB")
+            full = Image.fromarray(np.asarray(mask, dtype=np.uint8)).resize(image.size, Image.NEAREST)
+            stem = _safe_name(Path(path).stem)
+            Image.fromarray((np.asarray(full) * scale).astype(np.uint8)).save(folder / f"{stem}_mask.png")
+            rgb = np.asarray(image).astype(np.float32)
+            region = np.asarray(full) > 0
+            rgb[region] = 0.5 * rgb[region] + 0.5 * np.array([255.0, 0.0, 0.0])
+            Image.fromarray(rgb.astype(np.uint8)).save(folder / f"{stem}_overlay.png")
+        return f"wrote {len(files)} mask(s) and overlay(s) to {folder}"
+
+    def write_predictions(self, out: Path, bundle: DataBundle, predictions: np.ndarray) -> list[str]:
+        """Mask PNGs (class index per pixel, x 255 // (K - 1) so a binary mask is visible) and
+        the per-image test metrics."""
+        from PIL import Image
+
+        from .seg_metrics import per_image
+
+        folder = out / "test_masks"
+        folder.mkdir(parents=True, exist_ok=True)
+        scale = 255 // max(bundle.num_classes - 1, 1)
+        for ident, mask in zip(bundle.test.ids, predictions):
+            Image.fromarray((np.asarray(mask, dtype=np.uint8) * scale).astype(np.uint8)).save(
+                folder / f"{_safe_name(ident)}.png")
+        values = per_image(predictions, bundle.test.masks.numpy(), bundle.num_classes)
+        names = [k for k in values if k != "counts"]
+        path = out / "test_per_image.csv"
+        with open(path, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["id"] + names)
+            for i, ident in enumerate(bundle.test.ids):
+                writer.writerow([ident] + [f"{float(values[n][i]):.6g}" for n in names])
+        return [folder.name, path.name]

@@ -1,0 +1,189 @@
+"""Segmentation through the Task interface: the encoder/decoder model, the methods on the
+encoder only with the decoder always trained and saved, masks that move with their images,
+save -> load -> identical masks, merged == unmerged, and the run folder's outputs.
+
+Tiny random-weight backbones and a synthetic polyp-like folder (images/ + masks/) keep it fast.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from medpeft.batching import BatchLoader, LightAugment
+from medpeft.cli import main
+from medpeft.data import load_data
+from medpeft.data.base import DataConfig
+from medpeft.errors import ConfigError
+from medpeft.methods import set_train_mode, trained_state_dict
+from medpeft.run import RunConfig, build_model, execute, load_run
+from medpeft.tasks import get_task
+from medpeft.tasks.seg_loss import seg_loss
+from medpeft.tasks.segmentation import SegmentationModel
+from medpeft.train import TrainConfig, predict_images
+
+
+def make_seg_folder(root, n=24, size=48):
+    """images/<i>.png with a bright disc on noise, masks/<i>.png the disc (0/255)."""
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    yy, xx = np.mgrid[:size, :size]
+    for i in range(n):
+        cy, cx, r = rng.integers(12, size - 12), rng.integers(12, size - 12), rng.integers(5, 10)
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+        img = rng.normal(90, 20, (size, size)) + 110 * disc
+        rgb = np.repeat(np.clip(img, 0, 255).astype(np.uint8)[..., None], 3, axis=2)
+        Image.fromarray(rgb).save(root / "images" / f"{i:03d}.png")
+        Image.fromarray((disc * 255).astype(np.uint8)).save(root / "masks" / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def seg_folder(tmp_path_factory):
+    return make_seg_folder(tmp_path_factory.mktemp("seg") / "discs")
+
+
+def seg_config(folder, method="lora", backbone="tiny_cnn", size=32, **train) -> RunConfig:
+    return RunConfig(data=DataConfig(name=str(folder), task="segmentation", image_size=size, audit="off"),
+                     train=TrainConfig(**{"steps": 4, "batch_size": 8, "seed": 0, **train}), backbone=backbone,
+                     pretrained=False, method=method, n_boot=20)
+
+
+# ---------------------------------------------------------------------- the model
+
+
+@pytest.mark.parametrize("backbone, size", [("tiny_cnn", 32), ("tiny_vit", 32)])
+def test_decoder_gives_logits_at_the_input_size(backbone, size):
+    model, *_ = build_model(backbone, 3, size, "lora", {}, pretrained=False, task="segmentation")
+    assert isinstance(model, SegmentationModel)
+    out = model(torch.randn(2, 3, size, size))
+    assert out.shape == (2, 3, size, size)
+
+
+@pytest.mark.parametrize("method", ["decoder", "lora", "bitfit", "ssf", "full"])
+def test_methods_adapt_the_encoder_and_the_decoder_always_trains(method):
+    model, *_ = build_model("tiny_cnn", 2, 32, method, {}, pretrained=False, task="segmentation")
+    decoder = {id(p) for p in model.decoder.parameters()}
+    assert all(p.requires_grad for p in model.decoder.parameters())
+    encoder_trainable = [n for n, p in model.encoder.named_parameters() if p.requires_grad]
+    if method == "decoder":
+        assert not encoder_trainable  # the linear-probe analogue: nothing of the encoder moves
+    else:
+        assert encoder_trainable
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(4, 3, 32, 32)
+    target = (torch.rand(4, 32, 32) > 0.7).long()
+    loss_fn = seg_loss("dice_ce", 2)
+    set_train_mode(model, True)
+    loss_fn(model(x), target).backward()
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
+    allowed = set(trained_state_dict(model))
+    moved = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert moved and set(moved) <= allowed
+    assert any(k.startswith("decoder.") for k in moved)
+    assert {id(p) for n, p in model.named_parameters() if n.startswith("decoder.")} == decoder
+
+
+def test_vit_encoder_with_prompts_still_maps_the_patch_grid():
+    """VPT inserts tokens after CLS: the decoder must read the last h*w tokens as the patch grid."""
+    model, *_ = build_model("tiny_vit", 2, 32, "vpt_deep", {}, pretrained=False, task="segmentation")
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 2, 32, 32)
+
+
+# ---------------------------------------------------------------------- data and augmentation
+
+
+def test_masks_move_with_their_images_under_light_augmentation():
+    size = 40
+    image = torch.zeros(6, 1, size, size)
+    mask = torch.zeros(6, size, size, dtype=torch.uint8)
+    image[:, :, 8:20, 10:26] = 1.0
+    mask[:, 8:20, 10:26] = 1
+    aug = LightAugment(degrees=25, translate=0.1, brightness=0, contrast=0)
+    out, moved = aug.apply_with_mask(image, mask, torch.Generator().manual_seed(3))
+    assert moved.dtype == torch.uint8 and set(moved.unique().tolist()) <= {0, 1}  # nearest: no blends
+    bright = out[:, 0] > 0.5
+    inter = (bright & (moved == 1)).sum().item()
+    union = (bright | (moved == 1)).sum().item()
+    assert inter / union > 0.85
+    assert not torch.equal(moved, mask)  # it did move
+
+
+def test_batch_loader_augments_masks_with_their_images(seg_folder):
+    bundle = load_data(DataConfig(name=str(seg_folder), task="segmentation", image_size=32, audit="off"))
+    strong = LightAugment(degrees=30, translate=0.15, scale=(0.8, 1.2), brightness=0, contrast=0)
+    loader = BatchLoader(bundle.train, 8, (0.5,) * 3, (0.5,) * 3, shuffle=True, augment=strong,
+                         targets=get_task("segmentation").targets)
+    ious = []
+    for x, y in loader:
+        assert x.shape[1:] == (3, 32, 32) and y.shape[1:] == (32, 32)
+        bright, lesion = x[:, 0] > 0.25, y == 1  # the disc is ~0.6 after normalisation, the noise ~-0.3
+        ious.append(((bright & lesion).sum() / (bright | lesion).sum()).item())
+    assert min(ious) > 0.6
+
+
+def test_token_maps_are_the_patch_tokens_after_cls_and_prompts():
+    from medpeft.tasks.segmentation import FeatureTaps
+
+    taps = FeatureTaps(torch.nn.Identity(), [], lambda size: (2, 3))
+    patches = torch.arange(6 * 4, dtype=torch.float32).view(1, 6, 4)
+    tokens = torch.cat([torch.zeros(1, 1, 4), torch.full((1, 5, 4), 99.0), patches], dim=1)  # CLS, 5 prompts
+    taps.outputs = [tokens]
+    grid = taps.maps((28, 42))[0]
+    assert grid.shape == (1, 4, 2, 3) and torch.equal(grid, patches.transpose(1, 2).reshape(1, 4, 2, 3))
+
+
+# ---------------------------------------------------------------------- runs
+
+
+@pytest.fixture(scope="module")
+def seg_run(seg_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("segrun")
+    cfg = seg_config(seg_folder)
+    return cfg, execute(cfg, out_dir=out), out
+
+
+def test_run_writes_segmentation_metrics_masks_and_per_image_csv(seg_run):
+    cfg, metrics, out = seg_run
+    saved = json.loads((out / "metrics.json").read_text())
+    for name in ("dice", "iou", "vs", "hd95", "assd", "nsd"):
+        m = saved["test"][name]
+        assert set(m) >= {"value", "low", "high"}
+    assert saved["monitor"] == "dice" and saved["task"] == "segmentation"
+    masks = sorted((out / "test_masks").glob("*.png"))
+    assert len(masks) == saved["n_test"]
+    rows = (out / "test_per_image.csv").read_text().splitlines()
+    assert rows[0].startswith("id,dice") and len(rows) == saved["n_test"] + 1
+
+
+def test_save_load_gives_identical_masks_and_merge_changes_nothing(seg_run, seg_folder):
+    cfg, metrics, out = seg_run
+    bundle = load_data(cfg.data)
+    predicted = np.stack([np.asarray(Image.open(p)) // 255 for p in sorted((out / "test_masks").glob("*.png"))])
+    loaded = load_run(out)
+    again = predict_images(loaded.model, bundle.test, loaded.mean, loaded.std, "segmentation", 2)
+    order = np.argsort([i.replace("/", "_") for i in bundle.test.ids])
+    assert np.array_equal(again[order], predicted)
+    merged = load_run(out, merge=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded.model.eval()(x), merged.model.eval()(x), atol=1e-4)
+
+
+def test_predict_writes_mask_and_overlay_per_image(seg_run, seg_folder, tmp_path):
+    _, _, out = seg_run
+    files = [str(seg_folder / "images" / "000.png"), str(seg_folder / "images" / "001.png")]
+    assert main(["predict", str(out), *files, "--out", str(tmp_path / "pred")]) == 0
+    mask = Image.open(tmp_path / "pred" / "000_mask.png")
+    assert mask.size == Image.open(files[0]).size  # back at the image's own size
+    assert (tmp_path / "pred" / "001_overlay.png").is_file()
+    assert main(["predict", str(out), *files]) == 2  # a folder is required for masks
+
+
+def test_unknown_monitor_for_the_task_is_named(seg_folder):
+    with pytest.raises(ConfigError, match="monitor 'auroc' is not a segmentation metric"):
+        execute(seg_config(seg_folder, monitor="auroc"), save=False)
