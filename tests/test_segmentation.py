@@ -187,3 +187,24 @@ def test_predict_writes_mask_and_overlay_per_image(seg_run, seg_folder, tmp_path
 def test_unknown_monitor_for_the_task_is_named(seg_folder):
     with pytest.raises(ConfigError, match="monitor 'auroc' is not a segmentation metric"):
         execute(seg_config(seg_folder, monitor="auroc"), save=False)
+
+
+def test_segmentation_sweep_and_report_rank_in_the_metrics_direction(seg_folder, tmp_path):
+    from medpeft.bench.grid import Experiment
+    from medpeft.bench.report import build_report
+
+    from test_benchmark import run_local
+
+    exp = Experiment.from_mapping(dict(data=[str(seg_folder)], task="segmentation", backbones=["tiny_cnn"],
+                                       methods=["full", "decoder", "lora"], fractions=[1.0], seeds=2, image_size=32,
+                                       hpo={"trials": 0}, train={"steps": 3, "batch_size": 8}, n_boot=20)).validate()
+    summary = run_local(exp, tmp_path / "sweep", report=False)
+    assert summary["store"]["done"] == 6 and summary["store"]["failed"] == 0
+    dice = build_report(tmp_path / "sweep")
+    assert dice["metric"] == "dice"
+    text = open(dice["markdown"]).read()
+    assert "decoder" in text and "Test dice" in text
+    hd95 = build_report(tmp_path / "sweep", metric="hd95")
+    rows = [r for r in hd95["summary"] if r["fraction"] == 1.0]
+    best = min(rows, key=lambda r: r["mean"])  # HD95: lower is better, so rank 1 is the smallest
+    assert best["rank"] == 1

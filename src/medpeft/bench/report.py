@@ -551,7 +551,7 @@ def _trial_counts(trials: list[dict]) -> str:
 def _blocks(summary, cells, store: Store, plots: dict, metric: str, notes: list[str], margin: float,
             n_runs: int, lower_val_is_better: bool = False) -> list[Block]:
     experiment = store.get_meta("experiment")
-    monitor = ((experiment or {}).get("train") or {}).get("monitor", "auroc")
+    monitor = experiment_task(experiment).resolve_monitor(((experiment or {}).get("train") or {}).get("monitor", "auto"))
     sweep_notes = store.get_meta("notes") or []
     blocks = [Block("h1", "medpeft benchmark report")]
     blocks.append(Block("list", rows=_settings_lines(experiment)))
@@ -717,7 +717,7 @@ def experiment_task(experiment: dict | None):
 def default_metric(store: Store) -> str:
     """The sweep's monitored metric, or its task's primary one (AUROC, Dice) for auto / loss."""
     experiment = store.get_meta("experiment") or {}
-    monitor = (experiment.get("train") or {}).get("monitor", "auroc")
+    monitor = (experiment.get("train") or {}).get("monitor", "auto")
     return experiment_task(experiment).primary_metric if monitor in ("auto", "loss") else monitor
 
 
@@ -748,7 +748,7 @@ def build_report(out_dir: str | Path, metric: str | None = None, formats=("csv",
         metric = metric or default_metric(store)
         margin = _margin(margin, experiment)
         task = experiment_task(experiment)
-        monitor = task.resolve_monitor((experiment.get("train") or {}).get("monitor", "auroc"))
+        monitor = task.resolve_monitor((experiment.get("train") or {}).get("monitor", "auto"))
         report_dir = out_dir / "report"
         report_dir.mkdir(parents=True, exist_ok=True)
         runs = final_runs(store, metric)
