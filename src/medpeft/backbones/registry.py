@@ -4,7 +4,7 @@ Weights are resolved in this order (the winner is recorded in ``BackboneInfo.wei
 
 1. ``weights=FILE``: a local ``.safetensors`` / ``.pth`` / ``.pt`` / ``.bin`` checkpoint ("file:<path>").
 2. timm's hub weights, only when online ("hub"); a failed download falls through.
-3. the offline providers for ``efficientnet_lite0`` and ``dinov2_vits14`` ("offline:<package>").
+3. the offline providers for ``efficientnet_lite0``, ``dinov2_vits14`` and ``litemedsam`` ("offline:<package>").
 4. nothing else: ``pretrained=False`` gives random init ("random"); asking for pretrained weights
    that no source can give is a ConfigError (a silently random backbone would spoil a comparison).
 
@@ -112,12 +112,22 @@ def _build_tiny_cnn(**kwargs) -> nn.Module:
     return model
 
 
+def _build_litemedsam(**kwargs) -> nn.Module:
+    from medpeft.backbones.litemedsam import build_litemedsam_encoder
+
+    return build_litemedsam_encoder(**kwargs)
+
+
 REGISTRY: dict[str, BackboneSpec] = {
     # offline default CNN (ImageNet-1k supervised); offline default ViT (DINOv2-derived ViT-S/14)
     "efficientnet_lite0": BackboneSpec("tf_efficientnet_lite0", "cnn", HALF, HALF, 224, reduction=32),
     # native 224: DINOv2 trained mostly at 224 (518 only at the end); any multiple of 14 works
     "dinov2_vits14": BackboneSpec("vit_small_patch14_dinov2", "vit", IMAGENET_MEAN, IMAGENET_STD, 224,
                                   patch_size=14, min_size=14),
+    # offline medical foundation encoder: LiteMedSAM's TinyViT + SAM neck (256x64x64 embedding at its native
+    # 256 px, stride 4); pixels / 255 without mean/std, as LiteMedSAM was trained
+    "litemedsam": BackboneSpec("litemedsam_tinyvit", "cnn", (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), 256,
+                               builder=_build_litemedsam, reduction=4),
     # online (hub) or --weights only
     "resnet18": BackboneSpec("resnet18", "cnn", IMAGENET_MEAN, IMAGENET_STD, 224, reduction=32),
     "resnet50": BackboneSpec("resnet50", "cnn", IMAGENET_MEAN, IMAGENET_STD, 224, reduction=32),
@@ -467,7 +477,9 @@ def create_backbone(name: str, num_classes: int, image_size: int, weights: str |
 def _pretrained(name: str, spec: BackboneSpec, info: BackboneInfo, build: Callable[..., nn.Module],
                 num_classes: int, keep_head: bool) -> nn.Module:
     tried = []
-    if is_online():
+    if spec.builder is not None:  # not a timm hub model: its builder has no hub weights to give
+        tried.append("no hub weights for this backbone")
+    elif is_online():
         try:
             model = build(hub=True)
             hub_classes = (getattr(model, "pretrained_cfg", None) or {}).get("num_classes")
