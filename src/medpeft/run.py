@@ -106,9 +106,13 @@ def build_model(backbone: str, num_classes: int, image_size: int, method: str, m
 
 
 def init_head(model: torch.nn.Module, seed: int) -> None:
-    """Re-initialise the classifier's parameters from ``seed`` alone (default init of each layer)."""
+    """Re-initialise the classifier's parameters from ``seed`` alone (default init of each layer);
+    a model whose head is partly pretrained (SAM's mask decoder) re-initialises its fresh parts."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
+        if hasattr(model, "reset_head"):
+            model.reset_head()
+            return
         for module in model.get_classifier().modules():
             if hasattr(module, "reset_parameters"):
                 module.reset_parameters()

@@ -83,6 +83,9 @@ class BackboneSpec:
     builder: Callable[..., nn.Module] | None = None  # instead of timm.create_model(timm_name)
     random_only: bool = False  # test backbones: never pretrained
     reduction: int | None = None  # CNN total stride (a test checks it against timm's feature_info)
+    # a foundation model's own segmentation decoder: segmenter(num_classes, image_size, pretrained, in_chans)
+    # -> a module with ``encoder`` and ``decode(embedding, boxes, size)`` (LiteMedSAM: SAM's mask decoder)
+    segmenter: Callable[..., nn.Module] | None = None
 
     def info(self, name: str) -> BackboneInfo:
         return BackboneInfo(name, self.timm_name, self.family, self.mean, self.std, self.native_size,
@@ -118,6 +121,13 @@ def _build_litemedsam(**kwargs) -> nn.Module:
     return build_litemedsam_encoder(**kwargs)
 
 
+def _litemedsam_segmenter(num_classes: int, image_size: int, pretrained: bool, in_chans: int) -> nn.Module:
+    from medpeft.backbones.litemedsam import create_litemedsam_segmenter
+
+    return create_litemedsam_segmenter(num_classes=num_classes, image_size=image_size, pretrained=pretrained,
+                                       in_chans=in_chans)
+
+
 REGISTRY: dict[str, BackboneSpec] = {
     # offline default CNN (ImageNet-1k supervised); offline default ViT (DINOv2-derived ViT-S/14)
     "efficientnet_lite0": BackboneSpec("tf_efficientnet_lite0", "cnn", HALF, HALF, 224, reduction=32),
@@ -127,7 +137,7 @@ REGISTRY: dict[str, BackboneSpec] = {
     # offline medical foundation encoder: LiteMedSAM's TinyViT + SAM neck (256x64x64 embedding at its native
     # 256 px, stride 4); pixels / 255 without mean/std, as LiteMedSAM was trained
     "litemedsam": BackboneSpec("litemedsam_tinyvit", "cnn", (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), 256,
-                               builder=_build_litemedsam, reduction=4),
+                               builder=_build_litemedsam, reduction=4, segmenter=_litemedsam_segmenter),
     # online (hub) or --weights only
     "resnet18": BackboneSpec("resnet18", "cnn", IMAGENET_MEAN, IMAGENET_STD, 224, reduction=32),
     "resnet50": BackboneSpec("resnet50", "cnn", IMAGENET_MEAN, IMAGENET_STD, 224, reduction=32),
@@ -266,6 +276,12 @@ def _can_connect(host: str, port: int, timeout: float) -> bool:
 
 
 # --------------------------------------------------------------------------- building
+
+def backbone_segmenter(name: str) -> Callable[..., nn.Module] | None:
+    """The backbone's own segmentation decoder factory (see ``BackboneSpec.segmenter``), or None."""
+    spec = REGISTRY.get(name)
+    return None if spec is None else spec.segmenter
+
 
 def _resolve_spec(name: str) -> BackboneSpec:
     if not isinstance(name, str) or not name:

