@@ -236,3 +236,11 @@ def test_litemedsam_segments_with_its_own_pretrained_decoder_and_round_trips():
     load_trained_state(fresh, state)
     with torch.no_grad():
         assert torch.allclose(model.eval()(x), fresh.eval()(x), atol=1e-5)
+
+
+def test_lora_on_litemedsam_adapts_its_attention_and_not_the_rgb_stem():
+    model, *_ = build_model("litemedsam", 2, 64, "lora", {}, pretrained=False)
+    adapted = {n.split(".lora_")[0] for n, p in model.named_parameters() if p.requires_grad and ".lora_" in n}
+    assert any(n.endswith("attn.qkv") for n in adapted) and any(n.endswith("mlp.fc1") for n in adapted)
+    stem = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels == 3]
+    assert stem and not any(s in adapted for s in stem)

@@ -114,9 +114,14 @@ def resolve_targets(model: nn.Module, targets: str, method: str = "LoRA") -> tup
                 names.append(name)
         elif isinstance(module, nn.Conv2d) and module.groups == 1:
             # grouped / depthwise convs are skipped: low-rank factors of a depthwise kernel
-            # cost more than the kernel itself (peft #2202, #2549)
-            if targets == "conv" or module.kernel_size == (1, 1):
+            # cost more than the kernel itself (peft #2202, #2549); so is a pointwise conv that
+            # reads the RGB image itself (LiteMedSAM's stem: 3 input channels, below any rank)
+            if targets == "conv" or (module.kernel_size == (1, 1) and module.in_channels > 4):
                 names.append(name)
+        elif isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in ("qkv", "proj", "fc1", "fc2"):
+            # the attention and MLP layers of a hybrid conv/attention encoder (TinyViT in
+            # LiteMedSAM): pointwise maps too; its qkv interleaves heads, so it is adapted whole
+            names.append(name)
     if not names:
         raise ConfigError(f"{method} targets {targets!r} match no layer of this backbone")
     return targets, names
