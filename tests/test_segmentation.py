@@ -7,6 +7,7 @@ Tiny random-weight backbones and a synthetic polyp-like folder (images/ + masks/
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -158,6 +159,7 @@ def test_run_writes_segmentation_metrics_masks_and_per_image_csv(seg_run):
     assert len(masks) == saved["n_test"]
     rows = (out / "test_per_image.csv").read_text().splitlines()
     assert rows[0].startswith("id,dice") and len(rows) == saved["n_test"] + 1
+    assert (out / "test_cases.png").stat().st_size > 1000
 
 
 def test_save_load_gives_identical_masks_and_merge_changes_nothing(seg_run, seg_folder):
@@ -204,6 +206,9 @@ def test_segmentation_sweep_and_report_rank_in_the_metrics_direction(seg_folder,
     assert dice["metric"] == "dice"
     text = open(dice["markdown"]).read()
     assert "decoder" in text and "Test dice" in text
+    # the best and worst test cases of the method chosen on validation, as written by its run
+    cases = [p for p in dice["plots"] if p.endswith("_cases.png")]
+    assert len(cases) == 1 and "best and worst test cases" in text and Path(cases[0]).name in text
     hd95 = build_report(tmp_path / "sweep", metric="hd95")
     rows = [r for r in hd95["summary"] if r["fraction"] == 1.0]
     best = min(rows, key=lambda r: r["mean"])  # HD95: lower is better, so rank 1 is the smallest

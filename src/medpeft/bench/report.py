@@ -125,6 +125,7 @@ def final_runs(store: Store, metric: str):
             "subset_seed": subset_seed, "monitor": metrics.get("monitor"),
             "params": row.get("params") or {}, "best_epoch": metrics.get("best_epoch"),
             "best_is_last": metrics.get("best_is_last"), "curve": metrics.get("curve"),
+            "out_dir": metrics.get("out_dir"),
         })
     return pd.DataFrame.from_records(records)
 
@@ -342,6 +343,30 @@ def _plots(summary: list[dict], out: Path, metric: str, direction: str = "max") 
             fig.savefig(path, dpi=110)
             plt.close(fig)
             entry["pareto"][fraction] = path
+    return files
+
+
+def _case_figures(summary: list[dict], runs, out: Path) -> dict:
+    """{(data, backbone, fraction): png}: the test-case figure a run wrote (segmentation), of the
+    method chosen on validation, copied next to the other plots."""
+    import shutil
+
+    files = {}
+    if runs.empty or "out_dir" not in runs:
+        return files
+    for r in summary:
+        if not r.get("val_best"):
+            continue
+        mine = runs[(runs.data == r["data"]) & (runs.backbone == r["backbone"]) & (runs.method == r["method"])
+                    & (runs.fraction == r["fraction"])].sort_values("seed")
+        for out_dir in mine["out_dir"]:
+            figure = Path(str(out_dir)) / "test_cases.png"
+            if out_dir and figure.is_file():
+                out.mkdir(parents=True, exist_ok=True)
+                target = out / _safe(f"{label(r['data'])}_{r['backbone']}_f{r['fraction']:g}_cases.png")
+                shutil.copyfile(figure, target)
+                files[(r["data"], r["backbone"], r["fraction"])] = target
+                break
     return files
 
 
@@ -651,6 +676,9 @@ def _blocks(summary, cells, store: Store, plots: dict, metric: str, notes: list[
             if f in entry.get("pareto", {}):
                 blocks.append(Block("img", text=f"{metric} vs trainable % at fraction {f:g} (Pareto front in red)",
                                     path=entry["pareto"][f]))
+            if f in entry.get("cases", {}):
+                blocks.append(Block("img", text=f"best and worst test cases of the method chosen on validation at "
+                                                f"fraction {f:g} (its lowest seed)", path=entry["cases"][f]))
             if f in entry.get("curves", {}):
                 blocks.append(Block("img", text=f"validation {monitor} vs optimizer step at fraction {f:g} "
                                                 "(learning curves)", path=entry["curves"][f]))
@@ -756,6 +784,8 @@ def build_report(out_dir: str | Path, metric: str | None = None, formats=("csv",
                             higher_is_better=task.direction(metric) == "max")
         cells = cell_summaries(summary, margin=margin)
         plots = _plots(summary, report_dir / "plots", metric, task.direction(metric)) if summary else {}
+        for (data, backbone, fraction), path in _case_figures(summary, runs, report_dir / "plots").items():
+            plots.setdefault((data, backbone), {"pareto": {}}).setdefault("cases", {})[fraction] = path
         for (data, backbone, fraction), path in _curve_plots(runs, report_dir / "plots", monitor).items():
             plots.setdefault((data, backbone), {"pareto": {}}).setdefault("curves", {})[fraction] = path
         files, notes = export(store, report_dir, formats)
@@ -763,12 +793,14 @@ def build_report(out_dir: str | Path, metric: str | None = None, formats=("csv",
             columns = [k for k in summary[0] if k != "params"]
             pd.DataFrame([{k: _csv_value(r[k]) for k in columns} for r in summary]).to_csv(
                 report_dir / "summary.csv", index=False)
-        blocks = _blocks(summary, cells, store, plots, metric, notes, margin, len(runs), monitor == "loss")
+        blocks = _blocks(summary, cells, store, plots, metric, notes, margin, len(runs),
+                         task.direction(monitor) == "min")
         md_path, html_path = report_dir / "report.md", report_dir / "report.html"
         md_path.write_text(to_markdown(blocks, report_dir))
         html_path.write_text(to_html(blocks))
         plot_files = [p for entry in plots.values()
-                      for p in [entry.get("fraction"), *entry["pareto"].values(), *entry.get("curves", {}).values()] if p]
+                      for p in [entry.get("fraction"), *entry["pareto"].values(), *entry.get("curves", {}).values(),
+                                *entry.get("cases", {}).values()] if p]
         return {"dir": str(report_dir), "markdown": str(md_path), "html": str(html_path),
                 "plots": [str(p) for p in plot_files], "exports": [str(p) for p in files], "notes": notes,
                 "summary": summary, "cells": cells, "metric": metric, "margin": margin}

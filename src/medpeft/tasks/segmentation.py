@@ -166,6 +166,33 @@ class PromptableSegmentationModel(nn.Module):
         return torch.cat([torch.zeros_like(masks), masks], dim=1) if self.binary else masks
 
 
+CASES_FILE = "test_cases.png"
+
+
+def case_figure(path: Path, test: ImageSet, predictions: np.ndarray, dice: np.ndarray, n: int = 3) -> None:
+    """The n best and n worst test images by Dice: image, ground truth (green) and prediction (red) contours."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = np.argsort(np.nan_to_num(dice, nan=-1.0), kind="stable")
+    picks = list(order[::-1][:n]) + list(order[:n])
+    fig, axes = plt.subplots(2, n, figsize=(3 * n, 6.4), squeeze=False)
+    for ax, i in zip(axes.ravel(), picks):
+        image = test.images[i].permute(1, 2, 0).numpy()
+        ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray")
+        for mask, color in ((test.masks[i].numpy(), "lime"), (np.asarray(predictions[i]), "red")):
+            if mask.any():
+                ax.contour(mask > 0, levels=[0.5], colors=color, linewidths=1.2)
+        ax.set_title(f"{'best' if i in picks[:n] else 'worst'}: Dice {dice[i]:.3f}", fontsize=9)
+        ax.axis("off")
+    fig.suptitle("test cases (green: ground truth, red: prediction)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def _safe_name(ident: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]+", "_", ident)
 
@@ -261,6 +288,7 @@ class SegmentationTask(Task):
             Image.fromarray((np.asarray(mask, dtype=np.uint8) * scale).astype(np.uint8)).save(
                 folder / f"{_safe_name(ident)}.png")
         values = per_image(predictions, bundle.test.masks.numpy(), bundle.num_classes)
+        case_figure(out / CASES_FILE, bundle.test, predictions, values["dice"])
         names = [k for k in values if k != "counts"]
         path = out / "test_per_image.csv"
         with open(path, "w", newline="") as fh:
@@ -268,4 +296,4 @@ class SegmentationTask(Task):
             writer.writerow(["id"] + names)
             for i, ident in enumerate(bundle.test.ids):
                 writer.writerow([ident] + [f"{float(values[n][i]):.6g}" for n in names])
-        return [folder.name, path.name]
+        return [folder.name, path.name, CASES_FILE]
