@@ -249,3 +249,12 @@ def test_lora_on_litemedsam_adapts_its_attention_and_not_the_rgb_stem():
     assert any(n.endswith("attn.qkv") for n in adapted) and any(n.endswith("mlp.fc1") for n in adapted)
     stem = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels == 3]
     assert stem and not any(s in adapted for s in stem)
+
+
+def test_audit_of_a_segmentation_bundle_names_the_strata(seg_folder):
+    from medpeft.audit import audit_dataset
+
+    bundle = load_data(DataConfig(name=str(seg_folder), task="segmentation", image_size=32, audit="off"))
+    report = audit_dataset(bundle)
+    assert set(report.class_names) == set(bundle.split_info["strata"])
+    assert "background" not in report.class_names  # mask classes are not what the splits balance

@@ -765,7 +765,10 @@ def audit_dataset(source, threshold: int | str = DEFAULT_THRESHOLD, data_root: s
     threshold = check_threshold(threshold)
     if isinstance(source, DataBundle):
         sets = [("train", source.train), ("val", source.val), ("test", source.test)]
-        report = _memory_report(source.name, "bundle", sets, source.class_names, threshold)
+        # labels are what splits stratify on: for segmentation the strata (image class or has-lesion),
+        # not the mask classes
+        names = source.split_info.get("strata") or source.class_names
+        report = _memory_report(source.name, "bundle", sets, names, threshold)
         report.notes.append(f"hashed the in-memory images ({source.train.images.shape[-1]} px, already resized)")
     elif isinstance(source, ImageSet):
         names = [str(i) for i in range(int(source.labels.max()) + 1)] if source.labels.ndim == 1 and len(source) \
