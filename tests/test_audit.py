@@ -10,10 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from medpeft.audit import (THRESHOLD_CAP, ImageHashes, UnionFind, _dct_matrix, add_audit_parser, audit_dataset,
-                           check_threshold, compare_split_leakage, dhash_from_thumbnails, hash_images,
-                           leak_free_groups, near_duplicate_groups, near_pairs, pair_distance_stats, perceptual_hash,
-                           phash_from_thumbnails, popcount64, resolve_threshold)
+from medpeft.audit import add_audit_parser, audit_dataset
+from medpeft.data.near_duplicates import (THRESHOLD_CAP, ImageHashes, UnionFind, _dct_matrix, check_threshold,
+                                          compare_split_leakage, dhash_from_thumbnails, hash_images, leak_free_groups,
+                                          near_duplicate_groups, near_pairs, pair_distance_stats, perceptual_hash,
+                                          phash_from_thumbnails, popcount64, resolve_threshold)
 from medpeft.data.base import DataBundle, ImageSet
 from medpeft.errors import ConfigError, DataError
 

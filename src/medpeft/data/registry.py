@@ -101,7 +101,7 @@ def _with_near_duplicate_groups(pool, cfg: DataConfig):
     near-duplicate pair can sit on two sides of an automatic split."""
     if cfg.near_duplicates == "ignore":
         return pool
-    from medpeft.audit import leak_free_groups
+    from medpeft.data.near_duplicates import leak_free_groups
 
     groups = leak_free_groups(pool, threshold=cfg.near_duplicate_threshold)
     if pool.groups is None and len(set(groups)) == len(groups):
