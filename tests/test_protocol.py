@@ -279,3 +279,19 @@ def test_store_keeps_trial_values_reproducible(toy, tmp_path):
     assert values(tmp_path / "a") == values(tmp_path / "b")
     with Store.open_readonly(tmp_path / "a") as store:
         assert store.get_meta("experiment")["val_labels"] == "follow"
+
+
+def test_every_method_declares_its_search_space_where_it_registers():
+    from medpeft.methods import get_method, list_methods, register_method
+    from medpeft.methods.base import MethodConfig
+
+    for name in list_methods():
+        spec = get_method(name)
+        assert isinstance(spec.search_space, dict), name
+        fields = {f.name for f in __import__("dataclasses").fields(spec.config_cls)}
+        assert set(spec.search_space) <= fields, name
+    assert get_method("lora").search_space["rank"] == [4, 8, 16, 32]
+    with pytest.raises(TypeError, match="search_space"):  # forgetting it fails at import, not silently
+        register_method("x_missing", ("cnn",), description="-")
+    with pytest.raises(RuntimeError, match="not fields"):
+        register_method("x_bad", ("cnn",), MethodConfig, description="-", search_space={"rank": [4]})(lambda m, c: None)

@@ -2,10 +2,10 @@
 
 Every method searches the same shared dimensions: the learning rate (log scale, a decade
 either side of its default), the weight decay (log scale) and, when the experiment sets a
-training budget, that budget (steps or epochs: half, once, twice); methods with knobs also search those (LoRA rank and alpha,
-VPT prompt length, adapter width, partial k, ...). ``SEARCH_SPACES`` is a small table per
-method name; a method missing from it (or a knob its config no longer has) falls back to
-lr/wd only. Hybrids (``lora+ssf``) search the union of their parts' knobs.
+training budget, that budget (steps or epochs: half, once, twice); on top, the knobs each
+method declares where it registers (``register_method(..., search_space=...)``: LoRA rank and
+alpha, VPT prompt length, adapter width, partial k, ...). Hybrids (``lora+ssf``) search the
+union of their parts' knobs.
 
 A parameter is named ``lr``, ``weight_decay`` or ``<method>_<field>`` (the method-option name
 ``medpeft run`` uses), so a trial's parameters drop straight into a ``RunConfig``.
@@ -20,29 +20,6 @@ WEIGHT_DECAY = (1e-6, 1e-1)
 TRAIN_PARAMS = ("lr", "weight_decay", "steps", "epochs")  # searched parameters that are TrainConfig fields
 LR_SPAN = 10.0  # lr searched in [default / LR_SPAN, default * LR_SPAN]
 
-# method -> {field of its config class: choices}. Choices, not ranges: these knobs are
-# structural (sizes), the literature grids them (PETL_Vision: rank {1,8,16,32}, prompts {5,10,50,100}).
-SEARCH_SPACES: dict[str, dict[str, list]] = {
-    "lora": {"rank": [4, 8, 16, 32], "alpha": [8.0, 16.0, 32.0], "dropout": [0.0, 0.1]},
-    "dora": {"rank": [4, 8, 16], "alpha": [8.0, 16.0, 32.0]},
-    "loha": {"rank": [4, 8, 16]},
-    "lokr": {"rank": [4, 8, 16]},
-    "vera": {"rank": [64, 256]},
-    "oft": {"block_size": [4, 8, 16]},
-    "boft": {"block_size": [2, 4], "factors": [1, 2]},  # span b*2^(m-1) <= 8 divides every target of both backbones
-    "fact": {"rank": [4, 8, 16], "scale": [0.1, 1.0, 10.0]},
-    "adapter": {"dim": [4, 8, 16, 32], "scale": [0.1, 1.0]},
-    "pfeiffer": {"dim": [4, 8, 16, 32], "scale": [0.1, 1.0]},
-    "adaptformer": {"dim": [4, 8, 16, 32], "scale": [0.01, 0.1, 1.0]},
-    "vpt_shallow": {"num_tokens": [5, 10, 20, 50]},
-    "vpt_deep": {"num_tokens": [5, 10, 20, 50]},
-    "prefix": {"num_tokens": [5, 10, 20, 50]},
-    "partial": {"k": [1, 2, 4]},
-    "full": {},
-    "linear": {},
-    "decoder": {},
-}
-
 
 def method_knobs(method: str) -> dict[str, list]:
     """``{option_name: choices}`` for a method or hybrid; the config default is always a choice."""
@@ -51,9 +28,7 @@ def method_knobs(method: str) -> dict[str, list]:
     knobs: dict[str, list] = {}
     for name in parse_method(method):
         fields = {f.name: f for f in dataclasses.fields(get_method(name).config_cls)}
-        for knob, choices in SEARCH_SPACES.get(name, {}).items():
-            if knob not in fields:  # the method changed; its other knobs still count
-                continue
+        for knob, choices in get_method(name).search_space.items():
             default = fields[knob].default
             values = list(choices)
             if default is not dataclasses.MISSING and default not in values:

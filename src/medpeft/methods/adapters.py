@@ -78,6 +78,7 @@ def _attach_adapters(model: nn.Module, method: str, cfg: AdapterConfig, slots: t
 
 @register_method(
     "adapter", ("vit",), AdapterConfig, default_lr=1e-3, identity_at_init=True, reference="Houlsby et al. 2019",
+    search_space={'dim': [4, 8, 16, 32], 'scale': [0.1, 1.0]},
     description="Houlsby adapter: sequential bottleneck after attention and after the MLP of every block",
 )
 def apply_adapter(model: nn.Module, cfg: AdapterConfig) -> None:
@@ -86,6 +87,7 @@ def apply_adapter(model: nn.Module, cfg: AdapterConfig) -> None:
 
 @register_method(
     "pfeiffer", ("vit",), AdapterConfig, default_lr=1e-3, identity_at_init=True, reference="Pfeiffer et al. 2021",
+    search_space={'dim': [4, 8, 16, 32], 'scale': [0.1, 1.0]},
     description="Pfeiffer adapter: sequential bottleneck after the MLP of every block",
 )
 def apply_pfeiffer(model: nn.Module, cfg: AdapterConfig) -> None:
@@ -94,6 +96,7 @@ def apply_pfeiffer(model: nn.Module, cfg: AdapterConfig) -> None:
 
 @register_method(
     "adaptformer", ("vit",), AdaptFormerConfig, default_lr=1e-3, identity_at_init=True, reference="Chen et al. 2022",
+    search_space={'dim': [4, 8, 16, 32], 'scale': [0.01, 0.1, 1.0]},
     description="AdaptFormer: parallel bottleneck next to the MLP, fed norm2(x), scaled by s",
 )
 def apply_adaptformer(model: nn.Module, cfg: AdaptFormerConfig) -> None:

@@ -40,6 +40,11 @@ class MethodSpec:
     merge: Callable[[nn.Module], None] | None = None  # folds the method into base weights
     identity_at_init: bool = False  # adapted model == base model before training
     reference: str = ""
+    # HPO knobs beyond the shared lr / weight decay / budget: {config field: choices}. Choices, not
+    # ranges: these knobs are structural (sizes); the literature grids them (PETL_Vision: rank
+    # {1,8,16,32}, prompts {5,10,50,100}). Declared at registration, so no method is searched on
+    # lr and wd alone by omission ({} says so explicitly).
+    search_space: dict = dataclasses.field(default_factory=dict)
 
 
 REGISTRY: dict[str, MethodSpec] = {}
@@ -55,14 +60,20 @@ def register_method(
     merge: Callable[[nn.Module], None] | None = None,
     identity_at_init: bool = False,
     reference: str = "",
+    search_space: dict,
 ):
     """Decorator registering ``apply(model, cfg)`` as method ``name``."""
 
     def wrap(apply):
         if name in REGISTRY:
             raise RuntimeError(f"method {name!r} registered twice")
+        fields = {f.name for f in dataclasses.fields(config_cls)}
+        unknown = sorted(set(search_space) - fields)
+        if unknown:  # a knob the config does not have would be searched in vain
+            raise RuntimeError(f"method {name!r}: search_space names {unknown}, not fields of {config_cls.__name__}")
         REGISTRY[name] = MethodSpec(
-            name, tuple(families), config_cls, apply, description, default_lr, merge, identity_at_init, reference
+            name, tuple(families), config_cls, apply, description, default_lr, merge, identity_at_init, reference,
+            dict(search_space),
         )
         return apply
 

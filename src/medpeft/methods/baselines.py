@@ -12,6 +12,7 @@ def _nothing_to_merge(model: nn.Module) -> None:
 
 @register_method(
     "full", ("cnn", "vit"), description="full fine-tuning: every weight is trained", default_lr=1e-4,
+    search_space={},
     merge=_nothing_to_merge, identity_at_init=True, reference="-",
 )
 def apply_full(model: nn.Module, cfg) -> None:
@@ -21,6 +22,7 @@ def apply_full(model: nn.Module, cfg) -> None:
 
 @register_method(
     "linear", ("cnn", "vit"), description="linear probing: only the classification head is trained",
+    search_space={},
     default_lr=1e-2, merge=_nothing_to_merge, identity_at_init=True, reference="-",
 )
 def apply_linear(model: nn.Module, cfg) -> None:
@@ -30,6 +32,7 @@ def apply_linear(model: nn.Module, cfg) -> None:
 @register_method(
     "decoder", ("cnn", "vit"), description="the frozen backbone under a trained task head: for segmentation the "
     "decoder alone (the analogue of linear probing); for classification the same as linear",
+    search_space={},
     default_lr=1e-3, merge=_nothing_to_merge, identity_at_init=True, reference="-",
 )
 def apply_decoder(model: nn.Module, cfg) -> None:

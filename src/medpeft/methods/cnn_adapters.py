@@ -115,6 +115,7 @@ def tsa_targets(model: nn.Module, convs: str) -> list[tuple[str, nn.Conv2d]]:
 
 @register_method(
     "tsa", ("cnn",), TsaConfig,
+    search_space={},
     description="TSA: residual 1x1 conv adapters in parallel to the stages' spatial convs "
                 "(per-channel for depthwise convs), zero-init; mergeable into the centre tap",
     default_lr=1e-3, merge=lambda model: merge_attached(model, ResidualAdapter), identity_at_init=True,

@@ -125,6 +125,7 @@ def _weight_shape(module: nn.Module, name: str) -> tuple[int, int]:
 
 @register_method(
     "fact", ("vit",), FactConfig, default_lr=1e-3, identity_at_init=True, reference="Jie & Deng 2023",
+    search_space={'rank': [4, 8, 16], 'scale': [0.1, 1.0, 10.0]},
     merge=lambda model: merge_fact(model),
     description="FacT: weight increments of qkv/proj/fc1/fc2 factorised with factors shared across blocks (TT or TK)",
 )

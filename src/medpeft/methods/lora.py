@@ -193,6 +193,7 @@ def merge_lora_layers(model: nn.Module) -> None:
 
 @register_method(
     "lora", ("cnn", "vit"), LoraConfig, description="LoRA: low-rank B·A added to weights (B zero-init), mergeable",
+    search_space={'rank': [4, 8, 16, 32], 'alpha': [8.0, 16.0, 32.0], 'dropout': [0.0, 0.1]},
     default_lr=1e-3, merge=merge_lora_layers, identity_at_init=True, reference="Hu et al. 2022",
 )
 def apply_lora(model: nn.Module, cfg: LoraConfig) -> None:

@@ -141,6 +141,7 @@ def merge_boft(model: nn.Module) -> None:
 
 @register_method(
     "boft", ("cnn", "vit"), BoftConfig,
+    search_space={'block_size': [2, 4], 'factors': [1, 2]},  # span b*2^(m-1) <= 8 divides every target of both backbones
     description="BOFT: butterfly-factorised orthogonal rotation of the weights' inputs + output scale; mergeable",
     default_lr=1e-3, merge=merge_boft, identity_at_init=True,
     reference="Liu et al. 2024 (BOFT, Parameter-efficient orthogonal finetuning via butterfly factorization)",

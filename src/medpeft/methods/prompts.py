@@ -80,6 +80,7 @@ def _apply_vpt(model: nn.Module, cfg: VptConfig, deep: bool, method: str) -> Non
 
 @register_method(
     "vpt_shallow", ("vit",), VptConfig, default_lr=1e-3, identity_at_init=False, reference="Jia et al. 2022",
+    search_space={'num_tokens': [5, 10, 20, 50]},
     description="VPT-shallow: p learnable prompt tokens inserted after CLS at the input of block 0",
 )
 def apply_vpt_shallow(model: nn.Module, cfg: VptConfig) -> None:
@@ -88,6 +89,7 @@ def apply_vpt_shallow(model: nn.Module, cfg: VptConfig) -> None:
 
 @register_method(
     "vpt_deep", ("vit",), VptConfig, default_lr=1e-3, identity_at_init=False, reference="Jia et al. 2022",
+    search_space={'num_tokens': [5, 10, 20, 50]},
     description="VPT-deep: p new learnable prompt tokens at the input of every block",
 )
 def apply_vpt_deep(model: nn.Module, cfg: VptConfig) -> None:
@@ -159,6 +161,7 @@ class EncodedPrefix:
 
 @register_method(
     "prefix", ("vit",), PrefixConfig, default_lr=1e-3, identity_at_init=False, reference="Li & Liang 2021",
+    search_space={'num_tokens': [5, 10, 20, 50]},
     description="prefix tuning: p learnable key/value prefixes in every attention layer",
 )
 def apply_prefix(model: nn.Module, cfg: PrefixConfig) -> None:

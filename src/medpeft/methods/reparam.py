@@ -91,6 +91,7 @@ class DoraConfig(LoraConfig):
 
 @register_method(
     "dora", ("cnn", "vit"), DoraConfig,
+    search_space={'rank': [4, 8, 16], 'alpha': [8.0, 16.0, 32.0]},
     description="DoRA: weight = magnitude * direction, LoRA on the direction (peft use_dora); mergeable",
     default_lr=1e-3, merge=merge_lora_layers, identity_at_init=True, reference="Liu et al. 2024 (DoRA)",
 )
@@ -126,6 +127,7 @@ class LycorisConfig(MethodConfig):
 
 @register_method(
     "loha", ("cnn", "vit"), LycorisConfig,
+    search_space={'rank': [4, 8, 16]},
     description="LoHa: weight change = Hadamard product of two low-rank products (peft); mergeable",
     default_lr=1e-3, merge=lambda model: merge_peft_layers(model, "hada_w1_a"), identity_at_init=True,
     reference="Hyeon-Woo et al. 2022 (FedPara); peft LoHa",
@@ -139,6 +141,7 @@ def apply_loha(model: nn.Module, cfg: LycorisConfig) -> None:
 
 @register_method(
     "lokr", ("cnn", "vit"), LycorisConfig,
+    search_space={'rank': [4, 8, 16]},
     description="LoKr: weight change = Kronecker product of a small and a low-rank factor (peft); mergeable",
     default_lr=1e-3, merge=lambda model: merge_peft_layers(model, "lokr_w1"), identity_at_init=True,
     reference="Yeh et al. 2024 (LyCORIS); peft LoKr",
@@ -166,6 +169,7 @@ class OftConfig(MethodConfig):
 
 @register_method(
     "oft", ("cnn", "vit"), OftConfig,
+    search_space={'block_size': [4, 8, 16]},
     description="OFT: block-diagonal orthogonal rotation of the weights (Cayley, identity at init; peft); mergeable",
     default_lr=1e-3, merge=lambda model: merge_peft_layers(model, "oft_R"), identity_at_init=True,
     reference="Qiu et al. 2023 (OFT); peft OFT",
@@ -204,6 +208,7 @@ class VeraConfig(MethodConfig):
 
 @register_method(
     "vera", ("vit",), VeraConfig,
+    search_space={'rank': [64, 256]},
     description="VeRA: frozen shared random low-rank projections, trained scaling vectors "
                 "b (init 0) and d (peft); mergeable",
     default_lr=1e-2, merge=lambda model: merge_peft_layers(model, "vera_lambda_b"), identity_at_init=True,

@@ -244,6 +244,7 @@ def ssf_sites(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 @register_method(
     "ssf", ("cnn", "vit"),
+    search_space={},
     description="SSF: per-channel scale (init 1) and shift (init 0) after each op "
                 "(ViT: patch embed, norm1, qkv, proj, norm2, fc1, fc2, final norm; CNN: every BN/norm); mergeable",
     default_lr=5e-3, merge=lambda model: merge_attached(model, ScaleShift), identity_at_init=True,
@@ -340,6 +341,7 @@ def _merge_ia3(model: nn.Module) -> None:
 
 @register_method(
     "ia3", ("cnn", "vit"), IA3Config,
+    search_space={},
     description="(IA)^3: learned vectors (init 1) rescaling keys, values and MLP activations (ViT) "
                 "or the output channels of 1x1 convs (CNN); mergeable",
     default_lr=3e-3, merge=_merge_ia3, identity_at_init=True, reference="Liu et al. 2022",

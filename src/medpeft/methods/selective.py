@@ -24,6 +24,7 @@ def _train(module: nn.Module) -> None:
 
 @register_method(
     "bitfit", ("cnn", "vit"), description="BitFit: every bias term (+ head)", default_lr=5e-3,
+    search_space={},
     merge=_nothing_to_merge, identity_at_init=True, reference="Ben Zaken et al. 2022",
 )
 def apply_bitfit(model: nn.Module, cfg) -> None:
@@ -68,6 +69,7 @@ class PartialConfig(MethodConfig):
 
 @register_method(
     "partial", ("cnn", "vit"), PartialConfig,
+    search_space={'k': [1, 2, 4]},
     description="partial fine-tuning: the last k blocks (ViT) / stages (CNN), the top norm/conv and the head",
     default_lr=1e-4, merge=_nothing_to_merge, identity_at_init=True,
     reference="Yosinski et al. 2014",
@@ -95,6 +97,7 @@ def apply_partial(model: nn.Module, cfg: PartialConfig) -> None:
 
 @register_method(
     "norm", ("cnn", "vit"),
+    search_space={},
     description="norm tuning: affine weight/bias of every LayerNorm/BatchNorm/GroupNorm (+ head); "
                 "trained BatchNorms also update and save their running statistics",
     default_lr=1e-3, merge=_nothing_to_merge, identity_at_init=True,
@@ -123,6 +126,7 @@ def vit_attention_modules(model: nn.Module) -> list[nn.Module]:
 
 @register_method(
     "attention", ("vit",),
+    search_space={},
     description="attention tuning: every weight and bias of the self-attention layers "
                 "(qkv and output projection) + head",
     default_lr=1e-4, merge=_nothing_to_merge, identity_at_init=True,
