@@ -263,7 +263,7 @@ def test_pretrained_classification_backbone_has_a_fresh_head():
 
 
 @pytest.mark.parametrize("method, options", [
-    ("lora", {"lora_rank": 2}),  # rank <= 3: the 1x1 stem conv has 3 input channels (default rank 8 is refused)
+    ("lora", {}),  # the default rank 8: the RGB-reading 1x1 stem conv (3 channels) is skipped
     ("bitfit", {}), ("norm", {}), ("ssf", {}), ("full", {}), ("linear", {}),
 ])
 def test_peft_methods_apply_to_the_encoder(method, options):
@@ -288,6 +288,8 @@ def test_peft_methods_apply_to_the_encoder(method, options):
         assert counts["trainable_without_head"] == 0
     elif method == "full":
         assert counts["trainable"] == counts["total"]
+    elif method == "lora":  # the attention/MLP layers of the stages are adapted too: a few %
+        assert 0 < counts["trainable_without_head"] < 0.1 * counts["total"]
     else:
         assert 0 < counts["trainable_without_head"] < 0.01 * counts["total"]
     if method == "bitfit":  # attention (qkv Linear) and MLP biases of the TinyViT stages are reached
@@ -296,6 +298,7 @@ def test_peft_methods_apply_to_the_encoder(method, options):
         assert {"patch_embed.conv1.bn.weight", "stages.2.blocks.5.attn.norm.weight", "neck.3.weight"} <= trained
     if method == "lora":
         assert any(n.startswith("stages.0.blocks.0.conv1.") and "lora_" in n for n in trained)
+        assert any(n.startswith("stages.1.blocks.0.attn.qkv.") and "lora_" in n for n in trained)
 
 
 # --------------------------------------------------------------------------- segmenter without weights
