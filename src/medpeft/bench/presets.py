@@ -2,8 +2,9 @@
 the command line override them).
 
 - ``quick``: the README's main job. A real comparison (five methods on the offline CNN, two
-  label fractions, two seeds) that finishes on 2 CPU cores in under 10 minutes (4m52s measured
-  on a 2-core machine shared with two other trainings): 64 px, 6 epochs, no HPO.
+  label fractions, two seeds) that finishes on 2 CPU cores in under 10 minutes (6m54s for
+  ``make demo`` from a fresh clone, set-up included, on a 2-core machine running three other
+  trainings): 64 px, 6 epochs, no HPO, the protocol's defaults (selection labels follow the budget).
 - ``full``: the whole study at a larger scale: BreastMNIST and PneumoniaMNIST, both offline
   backbones, nine methods (eight on both families), fractions 1% / 10% / 100%, 3 seeds,
   4 HPO trials per cell (714 jobs). Estimated ~24 CPU-hours on a loaded 2-core machine
