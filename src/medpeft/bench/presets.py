@@ -3,7 +3,7 @@ the command line override them).
 
 - ``quick``: the README's main job. A real comparison (five methods on the offline CNN, two
   label fractions, two seeds) that finishes on 2 CPU cores in under 10 minutes (6m54s for
-  ``make demo`` from a fresh clone, set-up included, on a 2-core machine running three other
+  ``make demo`` in a clean clone, set-up already done, on a 2-core machine running three other
   trainings): 64 px, 6 epochs, no HPO, the protocol's defaults (selection labels follow the budget).
 - ``full``: the whole study at a larger scale: BreastMNIST and PneumoniaMNIST, both offline
   backbones, nine methods (eight on both families), fractions 1% / 10% / 100%, 3 seeds,
