@@ -1,19 +1,8 @@
 """Data set audit: duplicates, near-duplicates, images in two classes, leakage across splits,
 unreadable files, class balance, image sizes and modes.
 
-Near-duplicates are found with a 128-bit perceptual hash, the concatenation of a 64-bit DCT
-hash (pHash: low 8x8 DCT coefficients of a 32x32 grayscale thumbnail against their median)
-and a 64-bit difference hash (dHash: 8x9 thumbnail, each pixel brighter than its left
-neighbour). Two images are near-duplicates when the Hamming distance of their hashes is at
-most ``threshold`` bits; near-duplicate groups are the connected components of that relation
-(union-find), exact duplicates (same decoded pixels) included.
-
-Threshold ``"auto"`` (the default) = min(22, median - 4 * robust sd of the distances between
-random image pairs of the data set itself). Why 22: on BUSI the pair distances have a clear
-valley between about 13 and 25 bits (a few pairs each, all visibly the same scene) and the
-unrelated pairs sit at 62 +- 7; rescaling changes a hash by 0-2 bits, a 3% crop on every side
-by ~13. Why the data-based bound: images that all look alike (28 px chest X-rays: unrelated
-pairs at 41 +- 9) would otherwise chain into giant false groups; there it falls to ~5 bits.
+Near-duplicates (perceptual hashes, the automatic threshold, grouping) come from the data
+layer's ``medpeft.data.near_duplicates``, whose docstring explains the hash and the threshold.
 
     report = audit_dataset("../shared/data/Dataset_BUSI_with_GT")
     print(report.summary_text()); report.to_json("audit.json")
