@@ -6,8 +6,6 @@ layer's ``medpeft.data.near_duplicates``, whose docstring explains the hash and 
 
     report = audit_dataset("../shared/data/Dataset_BUSI_with_GT")
     print(report.summary_text()); report.to_json("audit.json")
-    groups = leak_free_groups(pool)            # one group id per image, for a grouped split
-    compare_split_leakage(pool)                # naive vs leak-free split: test images with a twin in train
 """
 from __future__ import annotations
 
