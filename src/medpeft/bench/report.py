@@ -307,16 +307,9 @@ def _plots(summary: list[dict], out: Path, metric: str, direction: str = "max") 
             ax.set_xscale("log")
         ax.set_xticks(fractions)
         ax.set_xticklabels([f"{f:g}" for f in fractions])
-        ax.set_xlabel("label fraction of the training split")
-        ax.set_ylabel(f"test {metric} (mean +- std over seeds)")
-        ax.set_title(f"{label(data)} - {backbone}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, ncol=2)
-        fig.tight_layout()
-        path = out / _safe(f"{label(data)}_{backbone}_{metric}_vs_fraction.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        entry["fraction"] = path
+        entry["fraction"] = _finish(fig, ax, "label fraction of the training split",
+                                    f"test {metric} (mean +- std over seeds)", f"{label(data)} - {backbone}",
+                                    out / _safe(f"{label(data)}_{backbone}_{metric}_vs_fraction.png"), ncol=2)
         for fraction in fractions:
             pts = [r for r in rows if r["fraction"] == fraction and r["mean"] == r["mean"] and r["trainable_pct"]]
             if not pts:
@@ -370,7 +363,7 @@ def _case_figures(summary: list[dict], runs, out: Path) -> dict:
     return files
 
 
-def _curve_plots(runs, out: Path, monitor: str) -> dict:
+def _curve_plots(runs, out: Path, monitor: str, lower_is_better: bool = False) -> dict:
     """One PNG per (data, backbone, fraction): validation score vs optimizer step, each seed thin,
     the mean over seeds thick (on the steps every seed reached). Cells without curves get none."""
     import matplotlib
@@ -405,17 +398,28 @@ def _curve_plots(runs, out: Path, monitor: str) -> dict:
                 mean = np.mean([np.interp(grid, p[:, 0], p[:, 1]) for p in seeds], axis=0)
                 ax.plot(grid, mean, color=color, linewidth=2.2, marker="o" if len(grid) == 1 else None,
                         label=f"{method} (n={len(seeds)})")
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("validation " + ("-loss" if monitor == "loss" else monitor) + " (thin: seeds, thick: mean)")
-        ax.set_title(f"{label(data)} - {backbone} - fraction {fraction:g}: learning curves")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, ncol=2)
-        fig.tight_layout()
-        path = out / _safe(f"{label(data)}_{backbone}_f{fraction:g}_learning_curves.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        files[(data, backbone, fraction)] = path
+        # the curve holds the trainer's score (higher is better): a loss or an HD95 appears negated
+        shown = f"-{monitor}" if lower_is_better else monitor
+        files[(data, backbone, fraction)] = _finish(
+            fig, ax, "optimizer step", f"validation {shown} (thin: seeds, thick: mean)",
+            f"{label(data)} - {backbone} - fraction {fraction:g}: learning curves",
+            out / _safe(f"{label(data)}_{backbone}_f{fraction:g}_learning_curves.png"), ncol=2)
     return files
+
+
+def _finish(fig, ax, xlabel: str, ylabel: str, title: str, path: Path, ncol: int = 1) -> Path:
+    """Label, grid, legend, save and close one plot; returns its path."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=ncol)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def pareto_front(rows: list[dict], higher_is_better: bool = True) -> list[dict]:
@@ -786,7 +790,8 @@ def build_report(out_dir: str | Path, metric: str | None = None, formats=("csv",
         plots = _plots(summary, report_dir / "plots", metric, task.direction(metric)) if summary else {}
         for (data, backbone, fraction), path in _case_figures(summary, runs, report_dir / "plots").items():
             plots.setdefault((data, backbone), {"pareto": {}}).setdefault("cases", {})[fraction] = path
-        for (data, backbone, fraction), path in _curve_plots(runs, report_dir / "plots", monitor).items():
+        for (data, backbone, fraction), path in _curve_plots(runs, report_dir / "plots", monitor,
+                                                                 task.direction(monitor) == "min").items():
             plots.setdefault((data, backbone), {"pareto": {}}).setdefault("curves", {})[fraction] = path
         files, notes = export(store, report_dir, formats)
         if summary:
