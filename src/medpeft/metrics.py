@@ -353,14 +353,18 @@ def metrics_with_ci(
     boot = _bootstrap_distribution(p, int(n_boot), seed)
     out: dict[str, dict] = {}
     for name in METRIC_NAMES:
-        value = float(point[name][0])
-        dist = boot[name][~np.isnan(boot[name])]
-        if np.isnan(value) or dist.size == 0:
-            low = high = float("nan")
-        else:
-            low, high = (float(q) for q in np.quantile(dist, [alpha / 2, 1 - alpha / 2]))
-        out[name] = {"value": value, "low": low, "high": high}
+        out[name] = percentile_ci(float(point[name][0]), boot[name], alpha)
     return out
+
+
+def percentile_ci(value: float, boot: np.ndarray, alpha: float) -> dict:
+    """{"value", "low", "high"}: the percentile-bootstrap interval of the defined resamples; NaN
+    bounds when the point value is undefined or no resample is defined."""
+    dist = boot[~np.isnan(boot)]
+    if np.isnan(value) or dist.size == 0:
+        return {"value": value, "low": float("nan"), "high": float("nan")}
+    low, high = (float(q) for q in np.quantile(dist, [alpha / 2, 1 - alpha / 2]))
+    return {"value": value, "low": low, "high": high}
 
 
 # ----------------------------------------------------------------------------- positive class

@@ -70,6 +70,7 @@ import numbers
 import numpy as np
 from scipy import ndimage
 
+from medpeft.metrics import percentile_ci
 from medpeft.errors import ConfigError, DataError
 
 SEG_METRICS: dict[str, str] = {
@@ -318,12 +319,6 @@ def seg_metrics_with_ci(pred, target, num_classes: int, nsd_tolerance: float = 2
     boot = _bootstrap_means(metric_vals, p.shape[0], int(n_boot), int(seed))
     out: dict = {}
     for m in SEG_METRICS:
-        value = _mean(metric_vals[m])
-        dist = boot[m][~np.isnan(boot[m])]
-        if math.isnan(value) or dist.size == 0:
-            low = high = float("nan")
-        else:
-            low, high = (float(q) for q in np.quantile(dist, [alpha / 2, 1 - alpha / 2]))
-        out[m] = {"value": value, "low": low, "high": high}
+        out[m] = percentile_ci(_mean(metric_vals[m]), boot[m], alpha)
     out["counts"] = vals["counts"]
     return out
