@@ -53,6 +53,7 @@ def test_boft_matches_peft(kind, factors):
         base, x = nn.Conv2d(4, 6, 2, stride=2), torch.randn(2, 4, 6, 6)
     ref = peft_reference(nn.Linear(16, 12) if kind == "linear" else nn.Conv2d(4, 6, 2, stride=2), 4, factors)
     ref.base_layer.load_state_dict(base.state_dict())
+    base_weight = base.weight.detach().clone()
     ours = BoftLayer(base, 4, factors, "x")
     with torch.no_grad():
         ours.boft_angles.normal_(0, 0.3)
@@ -63,8 +64,12 @@ def test_boft_matches_peft(kind, factors):
         expected = ref(x)
         ref.merge()
     assert torch.allclose(ours(x), expected, atol=1e-5)
-    merged = ours.merged_layer()
-    assert torch.allclose(merged.weight, ref.get_base_layer().weight, atol=1e-5)
+    ours.merge()
+    assert torch.allclose(ours.get_base_layer().weight, ref.get_base_layer().weight, atol=1e-5)
+    assert torch.allclose(ours(x), expected, atol=1e-5)  # merged: the base layer alone gives the same
+    ours.unmerge()  # W = (W' / s) R restores the pretrained weight
+    assert torch.allclose(ours.get_base_layer().weight, base_weight, atol=1e-5)
+    assert torch.allclose(ours(x), expected, atol=1e-5)
 
 
 def test_butterfly_permutation_pairs_half_blocks_2_to_the_level_apart():

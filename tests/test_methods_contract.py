@@ -32,7 +32,10 @@ from medpeft.methods.base import head_parameters
 BACKBONES = {"vit": "tiny_vit", "cnn": "tiny_cnn"}
 FAMILIES = tuple(BACKBONES)
 HYBRIDS = ("ssf+bitfit", "lora+ssf", "lora+bitfit", "ssf+lora", "bitfit+lora", "ia3+lora",
-           "tsa+ssf", "dora+ssf", "dora+ia3", "lora+vpt_deep", "ssf+adapter")  # the last two: with the ViT modules, if registered
+           "tsa+ssf", "dora+ssf", "dora+ia3", "lora+vpt_deep", "ssf+adapter",  # with the ViT modules, if registered
+           # a tap (FacT) and a wrapper (BOFT) under / over hooks, in both orders: the one merge walk
+           # folds from the inside out, whatever order the methods were listed in
+           "fact+ssf", "ssf+fact", "boft+ssf", "ssf+boft", "fact+lora")
 NUM_CLASSES = 3
 
 METHOD_CASES = [(m, f) for m in list_methods() for f in FAMILIES if f in get_method(m).families]
@@ -189,10 +192,38 @@ def test_merge_matches_unmerged_and_restores_the_base_architecture(spec, family)
     assert torch.allclose(logits(clean, x), merged, atol=1e-6)
 
 
+WRAPPER_METHODS = ("lora", "dora", "loha", "lokr", "oft", "vera", "boft")  # replace layers (peft's or ours)
+WRAPPER_CASES = [c for c in MERGE_CASES if c[0] in WRAPPER_METHODS]
+
+
+@pytest.mark.parametrize("spec,family", WRAPPER_CASES, ids=_ids(WRAPPER_CASES))
+def test_wrapper_layers_merge_and_unmerge_in_place(spec, family):
+    """The tuner-layer protocol every wrapper speaks (peft's and medpeft's): merge() folds the change
+    into the base weight and keeps the output; unmerge() gives the pretrained weight back."""
+    from medpeft.methods.base import is_wrapper_layer
+
+    model = adapted(spec, family)
+    train_steps(model)
+    wrappers = [m for m in model.modules() if is_wrapper_layer(m)]
+    assert wrappers, f"{spec} adds no wrapper layer"
+    x, _ = batch(seed=1)
+    before = logits(model, x)
+    weights = [w.get_base_layer().weight.detach().clone() for w in wrappers]
+    for wrapper in wrappers:
+        wrapper.merge()
+    assert any(not torch.equal(w.get_base_layer().weight, old) for w, old in zip(wrappers, weights))
+    torch.testing.assert_close(logits(model, x), before, atol=1e-4, rtol=1e-4)
+    for wrapper in wrappers:
+        wrapper.unmerge()
+    for wrapper, old in zip(wrappers, weights):
+        torch.testing.assert_close(wrapper.get_base_layer().weight, old, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits(model, x), before, atol=1e-4, rtol=1e-4)
+
+
 def test_not_mergeable_methods_refuse_to_merge():
     refused = []
     for m, f in METHOD_CASES:  # every one of them, not just the first
-        if get_method(m).merge is None:
+        if not get_method(m).mergeable:
             with pytest.raises(ConfigError, match=m):
                 merge_methods(adapted(m, f))
             refused.append(m)

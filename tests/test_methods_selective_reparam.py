@@ -353,7 +353,8 @@ def test_tsa_merges_into_tf_same_padded_convs(size):
     from timm.layers import Conv2dSame
 
     from medpeft.methods.cnn_adapters import ResidualAdapter
-    from medpeft.methods.scaling import attach, merge_attached
+    from medpeft.methods.merging import merge_layers
+    from medpeft.methods.scaling import attach
 
     torch.manual_seed(0)
     model = OneConv(Conv2dSame(4, 4, 3, stride=2, groups=4, bias=False))  # depthwise, dynamic padding
@@ -364,7 +365,7 @@ def test_tsa_merges_into_tf_same_padded_convs(size):
     attach(model, "conv", side)
     x = torch.randn(2, 4, size, size)
     unmerged = model(x)
-    merge_attached(model, ResidualAdapter)
+    merge_layers(model)
     assert not hasattr(model, "tsa_conv") and not model.conv._forward_hooks
     torch.testing.assert_close(model(x), unmerged)
 

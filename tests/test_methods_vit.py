@@ -122,7 +122,7 @@ def test_registry_flags_and_families():
         spec = get_method(name)
         assert spec.families == ("vit",)
         assert spec.identity_at_init == (name in IDENTITY), name
-        assert (spec.merge is not None) == (name == "fact"), name
+        assert spec.mergeable == (name == "fact"), name
 
 
 # --------------------------------------------------------------------------- identity / activity at init
@@ -362,13 +362,14 @@ def test_fact_merge_after_training_steps(tiny_base, names, options):
 
 
 def test_fact_merge_refuses_a_layer_another_method_hooks(tiny_base):
-    """A hook (SSF, (IA)^3) acts on the layer's output after the weight: adding FacT's delta to that
-    weight would put it under the hook, so merging must be refused until that method is merged."""
+    """A hook that is not a method's acts on the layer's output after the weight: adding FacT's delta
+    to that weight would put it under the hook, so merging must be refused (methods' own hooks are
+    folded first by the walk)."""
     model = adapted(tiny_base, ["fact"])
     randomize_trainable(model)
     model.blocks[1].mlp.fc2.register_forward_hook(lambda module, args, out: out * 2)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ConfigError, match="block 1 fc2.*hook"):
+    with pytest.raises(ConfigError, match=r"blocks\.1\.mlp\.fc2.*hook that is not a medpeft"):
         merge_methods(model)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())  # nothing half-merged
 

@@ -81,7 +81,7 @@ def method_rows(backbone: str | None, image_size: int | None, num_classes: int =
         _, info = create_backbone(backbone, num_classes=num_classes, image_size=image_size or 224, pretrained=False)
     for name in list_methods():
         spec = get_method(name)
-        row = {"method": name, "families": "/".join(spec.families), "mergeable": spec.merge is not None,
+        row = {"method": name, "families": "/".join(spec.families), "mergeable": spec.mergeable,
                "identity_at_init": spec.identity_at_init, "description": spec.description,
                "reference": spec.reference}
         if backbone:
@@ -104,7 +104,7 @@ def methods_table(backbone: str | None, image_size: int | None, num_classes: int
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    table = Table(title=f"medpeft methods" + (f" on {backbone} ({num_classes} classes)" if backbone else ""))
+    table = Table(title="medpeft methods" + (f" on {backbone} ({num_classes} classes)" if backbone else ""))
     for col in ("method", "families", "mergeable", "reference"):
         table.add_column(col)
     if backbone:

@@ -9,8 +9,13 @@ Conventions the rest of medpeft relies on:
 - ``apply_methods`` freezes everything first, then each method unfreezes what it trains.
 - A normalisation layer updates its running statistics only if one of its own
   parameters is trainable; its buffers are then saved with the trained parameters.
-- ``merge`` (where the math allows) folds a method's modules into the base weights so
-  inference costs nothing extra.
+- A method that declares ``mergeable=True`` changes layers only in ways the one merge walk
+  (``merging.merge_methods``) can fold into the base weights, so inference costs nothing extra:
+  a *wrapper layer* that replaces a layer and holds it (``get_base_layer``, ``merge``,
+  ``unmerge``, ``get_delta_weight``: peft's tuner-layer protocol, which peft's layers already
+  speak), an *attached module* beside a layer acting through a hook (``fold(op)``), or a *linear
+  tap* of a patched ViT attention / MLP (``get_delta_weight(which)``). No merge knows another
+  method's modules.
 """
 from __future__ import annotations
 
@@ -37,7 +42,7 @@ class MethodSpec:
     apply: Callable[[nn.Module, MethodConfig], None]
     description: str
     default_lr: float = 1e-3
-    merge: Callable[[nn.Module], None] | None = None  # folds the method into base weights
+    mergeable: bool = False  # the merge walk can fold everything the method adds into base weights
     identity_at_init: bool = False  # adapted model == base model before training
     reference: str = ""
     # HPO knobs beyond the shared lr / weight decay / budget: {config field: choices}. Choices, not
@@ -57,7 +62,7 @@ def register_method(
     *,
     description: str,
     default_lr: float = 1e-3,
-    merge: Callable[[nn.Module], None] | None = None,
+    mergeable: bool = False,
     identity_at_init: bool = False,
     reference: str = "",
     search_space: dict,
@@ -72,7 +77,7 @@ def register_method(
         if unknown:  # a knob the config does not have would be searched in vain
             raise RuntimeError(f"method {name!r}: search_space names {unknown}, not fields of {config_cls.__name__}")
         REGISTRY[name] = MethodSpec(
-            name, tuple(families), config_cls, apply, description, default_lr, merge, identity_at_init, reference,
+            name, tuple(families), config_cls, apply, description, default_lr, mergeable, identity_at_init, reference,
             dict(search_space),
         )
         return apply
@@ -157,25 +162,36 @@ def apply_methods(model: nn.Module, names: list[str], configs: dict[str, MethodC
         get_method(name).apply(model, configs[name])
     for param in head_parameters(model):
         param.requires_grad_(True)
-    model.medpeft_methods = list(names)  # read by merge_methods / describe
-    return model
-
-
-def merge_methods(model: nn.Module) -> nn.Module:
-    """Fold every mergeable method into the base weights (in place)."""
-    names = getattr(model, "medpeft_methods", [])
-    for name in names:
-        spec = get_method(name)
-        if spec.merge is None:
-            raise ConfigError(f"method {name!r} cannot be merged into the backbone weights")
-    for name in names:
-        get_method(name).merge(model)
-    model.medpeft_merged = True
+    model.medpeft_methods = list(names)  # read by merge_methods
     return model
 
 
 def is_mergeable(names: list[str]) -> bool:
-    return all(get_method(n).merge is not None for n in names)
+    return all(get_method(n).mergeable for n in names)
+
+
+# --------------------------------------------------------------------------- the layer protocols of merging
+
+
+class MethodModule(nn.Module):
+    """A module a method adds beside the model's own layers (side modules, shared factors); the
+    merge walk removes every one once their effect is folded into the base weights."""
+
+
+def is_wrapper_layer(module: nn.Module) -> bool:
+    """A layer that replaced another and holds it: peft's tuner-layer protocol (``get_base_layer``,
+    ``merge``, ``unmerge``), which peft's layers and medpeft's own wrappers share."""
+    return callable(getattr(module, "get_base_layer", None)) and callable(getattr(module, "merge", None))
+
+
+def base_layer(module: nn.Module) -> nn.Module:
+    """The plain layer under any wrapper layers."""
+    while is_wrapper_layer(module):
+        inner = module.get_base_layer()
+        if inner is module:
+            break
+        module = inner
+    return module
 
 
 # --------------------------------------------------------------------------- accounting / state

@@ -6,14 +6,10 @@ from torch import nn
 from .base import register_method
 
 
-def _nothing_to_merge(model: nn.Module) -> None:
-    """Methods that only train existing weights are already 'merged'."""
-
-
 @register_method(
     "full", ("cnn", "vit"), description="full fine-tuning: every weight is trained", default_lr=1e-4,
     search_space={},
-    merge=_nothing_to_merge, identity_at_init=True, reference="-",
+    mergeable=True, identity_at_init=True, reference="-",
 )
 def apply_full(model: nn.Module, cfg) -> None:
     for param in model.parameters():
@@ -23,7 +19,7 @@ def apply_full(model: nn.Module, cfg) -> None:
 @register_method(
     "linear", ("cnn", "vit"), description="linear probing: only the classification head is trained",
     search_space={},
-    default_lr=1e-2, merge=_nothing_to_merge, identity_at_init=True, reference="-",
+    default_lr=1e-2, mergeable=True, identity_at_init=True, reference="-",
 )
 def apply_linear(model: nn.Module, cfg) -> None:
     """Nothing besides the head (which apply_methods always trains)."""
@@ -33,7 +29,7 @@ def apply_linear(model: nn.Module, cfg) -> None:
     "decoder", ("cnn", "vit"), description="the frozen backbone under a trained task head: for segmentation the "
     "decoder alone (the analogue of linear probing); for classification the same as linear",
     search_space={},
-    default_lr=1e-3, merge=_nothing_to_merge, identity_at_init=True, reference="-",
+    default_lr=1e-3, mergeable=True, identity_at_init=True, reference="-",
 )
 def apply_decoder(model: nn.Module, cfg) -> None:
     """Nothing besides the head/decoder (which is always trained)."""

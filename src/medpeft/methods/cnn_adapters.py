@@ -28,7 +28,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .base import MethodConfig, register_method
-from .scaling import AttachedModule, attach, base_op, merge_attached
+from .scaling import AttachedModule, attach, base_op
 from .selective import cnn_stages
 
 TSA_CONVS = ("spatial", "all")
@@ -118,7 +118,7 @@ def tsa_targets(model: nn.Module, convs: str) -> list[tuple[str, nn.Conv2d]]:
     search_space={},
     description="TSA: residual 1x1 conv adapters in parallel to the stages' spatial convs "
                 "(per-channel for depthwise convs), zero-init; mergeable into the centre tap",
-    default_lr=1e-3, merge=lambda model: merge_attached(model, ResidualAdapter), identity_at_init=True,
+    default_lr=1e-3, mergeable=True, identity_at_init=True,
     reference="Li, Liu & Bilen 2022 (Cross-domain few-shot learning with task-specific adapters)",
 )
 def apply_tsa(model: nn.Module, cfg: TsaConfig) -> None:

@@ -26,9 +26,9 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import MethodConfig, register_method
+from .base import MethodConfig, MethodModule, register_method
 from .vit_modules import (SharedRef, embed_dim, finite_float, like, patch_attention, patch_mlp, positive_int,
-                          unit_dropout, unpatch_unused, vit_blocks)
+                          unit_dropout, vit_blocks)
 
 FORMATS = ("tt", "tk")
 ATTN_SLOTS = 4  # q, k, v, proj
@@ -49,7 +49,7 @@ class FactConfig(MethodConfig):
         self.dropout = unit_dropout(self.dropout, "dropout")
 
 
-class FactFactors(nn.Module):
+class FactFactors(MethodModule):
     """All FacT parameters of a model (``model.fact``); blocks reach it through ``FactTap``."""
 
     def __init__(self, fmt: str, dim: int, depth: int, mlp_chunks: int, rank: int, scale: float, dropout: float,
@@ -115,6 +115,9 @@ class FactTap:
     def __call__(self, x: torch.Tensor, which: str) -> torch.Tensor:
         return self.factors().delta(self.layer, x, which)
 
+    def get_delta_weight(self, which: str) -> torch.Tensor:  # the linear-tap protocol of the merge walk
+        return self.factors().weight_delta(self.layer, which)
+
 
 def _weight_shape(module: nn.Module, name: str) -> tuple[int, int]:
     weight = getattr(module, "weight", None)
@@ -126,7 +129,7 @@ def _weight_shape(module: nn.Module, name: str) -> tuple[int, int]:
 @register_method(
     "fact", ("vit",), FactConfig, default_lr=1e-3, identity_at_init=True, reference="Jie & Deng 2023",
     search_space={'rank': [4, 8, 16], 'scale': [0.1, 1.0, 10.0]},
-    merge=lambda model: merge_fact(model),
+    mergeable=True,
     description="FacT: weight increments of qkv/proj/fc1/fc2 factorised with factors shared across blocks (TT or TK)",
 )
 def apply_fact(model: nn.Module, cfg: FactConfig) -> None:
@@ -150,43 +153,3 @@ def apply_fact(model: nn.Module, cfg: FactConfig) -> None:
     for i, block in enumerate(blocks):
         patch_attention(block.attn).linear_taps["fact"] = FactTap(factors, i)
         patch_mlp(block.mlp).linear_taps["fact"] = FactTap(factors, i)
-
-
-def _additive_base(module: nn.Module, where: str) -> nn.Linear:
-    """The plain Linear whose weight can absorb an additive delta (through additive wrappers only)."""
-    from .lora import FusedQKVLoRA
-
-    if module._forward_hooks or module._forward_pre_hooks:  # e.g. SSF / (IA)^3 act through hooks
-        raise ConfigError(f"cannot merge FacT into {where}: another method acts on it through a hook; "
-                          "merge that method first (list it before 'fact')")
-    if type(module) is nn.Linear:
-        return module
-    if isinstance(module, FusedQKVLoRA):
-        return _additive_base(module.base, where)
-    lora_a = getattr(module, "lora_A", None)
-    dora = getattr(module, "use_dora", {}) or {}
-    if isinstance(lora_a, nn.ModuleDict) and hasattr(module, "get_base_layer") and not any(dora.values()):
-        return _additive_base(module.get_base_layer(), where)  # a peft LoRA layer: W x + B A x
-    kind = f"{type(module).__module__.split('.')[0]}.{type(module).__name__}"
-    raise ConfigError(f"cannot merge FacT into {where}: it is wrapped by {kind}, which is not "
-                      "additive; merge that method first (list it before 'fact')")
-
-
-@torch.no_grad()
-def merge_fact(model: nn.Module) -> None:
-    """Fold s * V M U into qkv/proj/fc1/fc2 of every block and remove FacT's modules."""
-    factors = getattr(model, "fact", None)
-    if not isinstance(factors, FactFactors):
-        raise ConfigError("merge: the model carries no FacT factors")
-    blocks = vit_blocks(model, "fact")
-    targets = []
-    for i, block in enumerate(blocks):  # check everything before changing anything
-        for parent, name in ((block.attn, "qkv"), (block.attn, "proj"), (block.mlp, "fc1"), (block.mlp, "fc2")):
-            targets.append((i, name, _additive_base(getattr(parent, name), f"block {i} {name}")))
-    for i, name, linear in targets:
-        linear.weight += factors.weight_delta(i, name).to(linear.weight.dtype)
-    for block in blocks:
-        block.attn.linear_taps.pop("fact", None)
-        block.mlp.linear_taps.pop("fact", None)
-    del model.fact
-    unpatch_unused(model)

@@ -52,6 +52,7 @@ class FusedQKVLoRA(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
+        self.merged = False
         for slot in slots:
             a = torch.empty(rank, base.in_features)
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # same init as peft / the LoRA paper code
@@ -71,6 +72,8 @@ class FusedQKVLoRA(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
+        if self.merged:
+            return out
         xd = self.dropout(x)
         parts = []
         for i, slot in enumerate("qkv"):
@@ -78,13 +81,27 @@ class FusedQKVLoRA(nn.Module):
             parts.append(chunk + self._delta(xd, slot) if slot in self.slots else chunk)
         return torch.cat(parts, dim=-1)
 
-    @torch.no_grad()
-    def merged_linear(self) -> nn.Linear:
-        for i, slot in enumerate("qkv"):
-            if slot in self.slots:
-                delta = (self.lora_B[slot] @ self.lora_A[slot]) * self.scale
-                self.base.weight[i * self.dim:(i + 1) * self.dim] += delta.to(self.base.weight.dtype)
+    # the tuner-layer protocol of the merge walk (peft's names)
+    def get_base_layer(self) -> nn.Linear:
         return self.base
+
+    def get_delta_weight(self) -> torch.Tensor:
+        """The change of the fused weight, (3 * dim, in): B A * scale on the adapted slices, 0 elsewhere."""
+        parts = [(self.lora_B[slot] @ self.lora_A[slot]) * self.scale if slot in self.slots
+                 else self.base.weight.new_zeros(self.dim, self.base.in_features) for slot in "qkv"]
+        return torch.cat(parts, dim=0)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.base.weight += self.get_delta_weight().to(self.base.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.base.weight -= self.get_delta_weight().to(self.base.weight.dtype)
+            self.merged = False
 
 
 def resolve_targets(model: nn.Module, targets: str, method: str = "LoRA") -> tuple[str, list[str]]:
@@ -179,22 +196,10 @@ def apply_lora_layers(model: nn.Module, cfg: LoraConfig, use_dora: bool = False)
     inject_peft(model, config)
 
 
-def merge_lora_layers(model: nn.Module) -> None:
-    """Fold LoRA/DoRA (peft or fused-qkv) into the base weights and remove the extra modules."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    for name, module in list(model.named_modules()):
-        if isinstance(module, FusedQKVLoRA):
-            _set_module(model, name, module.merged_linear())
-        elif isinstance(module, BaseTunerLayer) and hasattr(module, "lora_A"):
-            module.merge()
-            _set_module(model, name, module.get_base_layer())
-
-
 @register_method(
     "lora", ("cnn", "vit"), LoraConfig, description="LoRA: low-rank B·A added to weights (B zero-init), mergeable",
     search_space={'rank': [4, 8, 16, 32], 'alpha': [8.0, 16.0, 32.0], 'dropout': [0.0, 0.1]},
-    default_lr=1e-3, merge=merge_lora_layers, identity_at_init=True, reference="Hu et al. 2022",
+    default_lr=1e-3, mergeable=True, identity_at_init=True, reference="Hu et al. 2022",
 )
 def apply_lora(model: nn.Module, cfg: LoraConfig) -> None:
     apply_lora_layers(model, cfg)

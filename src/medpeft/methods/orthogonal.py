@@ -81,6 +81,7 @@ class BoftLayer(nn.Module):
         # the free entries of each block's skew-symmetric generator: zero = identity rotation
         self.boft_angles = nn.Parameter(torch.zeros(factors, size // block_size, len(rows)))
         self.boft_scale = nn.Parameter(torch.ones(base.weight.shape[0]))
+        self.merged = False
 
     @property
     def weight(self):  # timm code sometimes reads .weight / .bias of the layers it owns
@@ -125,25 +126,39 @@ class BoftLayer(nn.Module):
         return flat.reshape(weight.shape).to(weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base(x)
         return functional_call(self.base, {"weight": self.adapted_weight()}, (x,))
 
-    @torch.no_grad()
-    def merged_layer(self) -> nn.Module:
-        self.base.weight.copy_(self.adapted_weight())
+    # the tuner-layer protocol of the merge walk (peft's names)
+    def get_base_layer(self) -> nn.Module:
         return self.base
 
+    def get_delta_weight(self) -> torch.Tensor:
+        """W' - W (not additive in any factor: valid for the current base weight)."""
+        return self.adapted_weight() - self.base.weight
 
-def merge_boft(model: nn.Module) -> None:
-    for name, module in list(model.named_modules()):
-        if isinstance(module, BoftLayer):
-            _set_module(model, name, module.merged_layer())
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.base.weight.copy_(self.adapted_weight())
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """W = (W' / s) R: R is orthogonal, so W' = (W R^T) s inverts exactly (up to rounding)."""
+        if self.merged:
+            weight = self.base.weight
+            flat = weight.reshape(weight.shape[0], -1).float() / self.boft_scale.float()[:, None]
+            self.base.weight.copy_((flat @ self.rotation()).reshape(weight.shape).to(weight.dtype))
+            self.merged = False
 
 
 @register_method(
     "boft", ("cnn", "vit"), BoftConfig,
     search_space={'block_size': [2, 4], 'factors': [1, 2]},  # span b*2^(m-1) <= 8 divides every target of both backbones
     description="BOFT: butterfly-factorised orthogonal rotation of the weights' inputs + output scale; mergeable",
-    default_lr=1e-3, merge=merge_boft, identity_at_init=True,
+    default_lr=1e-3, mergeable=True, identity_at_init=True,
     reference="Liu et al. 2024 (BOFT, Parameter-efficient orthogonal finetuning via butterfly factorization)",
 )
 def apply_boft(model: nn.Module, cfg: BoftConfig) -> None:

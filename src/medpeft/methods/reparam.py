@@ -21,10 +21,8 @@ from .lora import (
     CNN_TARGETS,
     VIT_TARGETS,
     LoraConfig,
-    _set_module,
     apply_lora_layers,
     inject_peft,
-    merge_lora_layers,
     resolve_targets,
 )
 
@@ -66,16 +64,6 @@ def _target_names(model: nn.Module, targets: str, method: str, rank: int | None 
     return names
 
 
-def merge_peft_layers(model: nn.Module, adapter_attr: str) -> None:
-    """Fold peft tuner layers that carry ``adapter_attr`` into their base layers and unwrap them."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    for name, module in list(model.named_modules()):
-        if isinstance(module, BaseTunerLayer) and hasattr(module, adapter_attr):
-            module.merge()
-            _set_module(model, name, module.get_base_layer())
-
-
 # --------------------------------------------------------------------------- DoRA
 
 
@@ -93,7 +81,7 @@ class DoraConfig(LoraConfig):
     "dora", ("cnn", "vit"), DoraConfig,
     search_space={'rank': [4, 8, 16], 'alpha': [8.0, 16.0, 32.0]},
     description="DoRA: weight = magnitude * direction, LoRA on the direction (peft use_dora); mergeable",
-    default_lr=1e-3, merge=merge_lora_layers, identity_at_init=True, reference="Liu et al. 2024 (DoRA)",
+    default_lr=1e-3, mergeable=True, identity_at_init=True, reference="Liu et al. 2024 (DoRA)",
 )
 def apply_dora(model: nn.Module, cfg: DoraConfig) -> None:
     from .scaling import attached_hooks
@@ -129,7 +117,7 @@ class LycorisConfig(MethodConfig):
     "loha", ("cnn", "vit"), LycorisConfig,
     search_space={'rank': [4, 8, 16]},
     description="LoHa: weight change = Hadamard product of two low-rank products (peft); mergeable",
-    default_lr=1e-3, merge=lambda model: merge_peft_layers(model, "hada_w1_a"), identity_at_init=True,
+    default_lr=1e-3, mergeable=True, identity_at_init=True,
     reference="Hyeon-Woo et al. 2022 (FedPara); peft LoHa",
 )
 def apply_loha(model: nn.Module, cfg: LycorisConfig) -> None:
@@ -143,7 +131,7 @@ def apply_loha(model: nn.Module, cfg: LycorisConfig) -> None:
     "lokr", ("cnn", "vit"), LycorisConfig,
     search_space={'rank': [4, 8, 16]},
     description="LoKr: weight change = Kronecker product of a small and a low-rank factor (peft); mergeable",
-    default_lr=1e-3, merge=lambda model: merge_peft_layers(model, "lokr_w1"), identity_at_init=True,
+    default_lr=1e-3, mergeable=True, identity_at_init=True,
     reference="Yeh et al. 2024 (LyCORIS); peft LoKr",
 )
 def apply_lokr(model: nn.Module, cfg: LycorisConfig) -> None:
@@ -171,7 +159,7 @@ class OftConfig(MethodConfig):
     "oft", ("cnn", "vit"), OftConfig,
     search_space={'block_size': [4, 8, 16]},
     description="OFT: block-diagonal orthogonal rotation of the weights (Cayley, identity at init; peft); mergeable",
-    default_lr=1e-3, merge=lambda model: merge_peft_layers(model, "oft_R"), identity_at_init=True,
+    default_lr=1e-3, mergeable=True, identity_at_init=True,
     reference="Qiu et al. 2023 (OFT); peft OFT",
 )
 def apply_oft(model: nn.Module, cfg: OftConfig) -> None:
@@ -211,7 +199,7 @@ class VeraConfig(MethodConfig):
     search_space={'rank': [64, 256]},
     description="VeRA: frozen shared random low-rank projections, trained scaling vectors "
                 "b (init 0) and d (peft); mergeable",
-    default_lr=1e-2, merge=lambda model: merge_peft_layers(model, "vera_lambda_b"), identity_at_init=True,
+    default_lr=1e-2, mergeable=True, identity_at_init=True,
     reference="Kopiczko et al. 2024 (VeRA)",
 )
 def apply_vera(model: nn.Module, cfg: VeraConfig) -> None:

@@ -4,8 +4,8 @@ Both act on the *output* (or input) of existing layers. Instead of replacing the
 (which would rename its weights and hide it from other methods, e.g. LoRA looking for
 ``qkv``), each method attaches a small module beside the layer (``attn.ssf_qkv`` next to
 ``attn.qkv``) and connects it with a forward hook. The base layer keeps its name and
-weights, so these methods compose with LoRA/BitFit in either order, and ``merge`` folds
-each vector into the layer found at the recorded path (after unwrapping a LoRA layer).
+weights, so these methods compose with LoRA/BitFit in either order, and the merge walk
+(``merging.py``) folds each vector into the layer found at the recorded path.
 (DoRA normalises the raw weight, so it refuses layers already hooked: write ``dora+ssf``.)
 """
 from __future__ import annotations
@@ -16,12 +16,12 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import MethodConfig, register_method
+from .base import MethodConfig, MethodModule, base_layer, is_wrapper_layer, register_method
 
 # --------------------------------------------------------------------------- attaching modules with hooks
 
 
-class AttachedModule(nn.Module):
+class AttachedModule(MethodModule):
     """A module that acts on an existing op (at ``target_path``) through a forward hook."""
 
     prefix = "attached"  # attribute name beside the op: f"{prefix}_{leaf}" (see ``attach``)
@@ -72,22 +72,8 @@ def attach(model: nn.Module, target_path: str, side: AttachedModule, *, hook_on:
 
 
 def base_op(module: nn.Module) -> nn.Module:
-    """The plain layer under LoRA-style wrappers (peft tuner layers, FusedQKVLoRA)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    from .lora import FusedQKVLoRA
-
-    while True:
-        if isinstance(module, BaseTunerLayer):
-            module = module.get_base_layer()
-        elif isinstance(module, FusedQKVLoRA):
-            module = module.base
-        else:
-            return module
-
-
-def is_wrapper(module: nn.Module) -> bool:
-    return base_op(module) is not module
+    """The plain layer under LoRA-style wrappers (peft tuner layers, FusedQKVLoRA, BoftLayer)."""
+    return base_layer(module)
 
 
 def iter_ops(model: nn.Module, prefix: str = ""):
@@ -95,10 +81,10 @@ def iter_ops(model: nn.Module, prefix: str = ""):
     not its factors) and without the modules attached by these methods."""
     for name, child in model.named_children():
         path = f"{prefix}{name}"
-        if isinstance(child, AttachedModule):
+        if isinstance(child, MethodModule):
             continue
         yield path, child
-        if not is_wrapper(child):
+        if not is_wrapper_layer(child):
             yield from iter_ops(child, path + ".")
 
 
@@ -108,7 +94,7 @@ def attached_hooks(module: nn.Module) -> list[AttachedModule]:
     return [fn.__self__ for fn in fns if isinstance(getattr(fn, "__self__", None), AttachedModule)]
 
 
-def _remove_hooks(model: nn.Module, side: nn.Module) -> None:
+def remove_hooks(model: nn.Module, side: nn.Module) -> None:
     # hooks are found by their bound method rather than kept handles: handles would point
     # into the original model after a deepcopy
     for module in model.modules():
@@ -119,17 +105,6 @@ def _remove_hooks(model: nn.Module, side: nn.Module) -> None:
                     for extra in ("_forward_hooks_with_kwargs", "_forward_hooks_always_called",
                                   "_forward_pre_hooks_with_kwargs"):
                         getattr(module, extra, {}).pop(key, None)
-
-
-def merge_attached(model: nn.Module, cls: type) -> None:
-    """Fold every attached module of type ``cls`` into its op and remove it (and its hook)."""
-    for name, side in list(model.named_modules()):
-        if not isinstance(side, cls):
-            continue
-        _remove_hooks(model, side)
-        side.fold(base_op(model.get_submodule(side.target_path)))
-        parent_path, _, leaf = name.rpartition(".")
-        delattr(model.get_submodule(parent_path) if parent_path else model, leaf)
 
 
 def _channel_dim(op: nn.Module) -> int:
@@ -247,7 +222,7 @@ def ssf_sites(model: nn.Module) -> list[tuple[str, nn.Module]]:
     search_space={},
     description="SSF: per-channel scale (init 1) and shift (init 0) after each op "
                 "(ViT: patch embed, norm1, qkv, proj, norm2, fc1, fc2, final norm; CNN: every BN/norm); mergeable",
-    default_lr=5e-3, merge=lambda model: merge_attached(model, ScaleShift), identity_at_init=True,
+    default_lr=5e-3, mergeable=True, identity_at_init=True,
     reference="Lian et al. 2022",
 )
 def apply_ssf(model: nn.Module, cfg) -> None:
@@ -335,16 +310,12 @@ class IA3Config(MethodConfig):
             raise ValueError(f"cnn_targets {self.cnn_targets!r} not one of {', '.join(IA3_CNN_TARGETS)}")
 
 
-def _merge_ia3(model: nn.Module) -> None:
-    merge_attached(model, (KVScale, InputScale, OutputScale))
-
-
 @register_method(
     "ia3", ("cnn", "vit"), IA3Config,
     search_space={},
     description="(IA)^3: learned vectors (init 1) rescaling keys, values and MLP activations (ViT) "
                 "or the output channels of 1x1 convs (CNN); mergeable",
-    default_lr=3e-3, merge=_merge_ia3, identity_at_init=True, reference="Liu et al. 2022",
+    default_lr=3e-3, mergeable=True, identity_at_init=True, reference="Liu et al. 2022",
 )
 def apply_ia3(model: nn.Module, cfg: IA3Config) -> None:
     from ..backbones import backbone_family

@@ -8,7 +8,6 @@ from torch import nn
 
 from ..errors import ConfigError
 from .base import NORM_TYPES, MethodConfig, register_method
-from .baselines import _nothing_to_merge
 
 
 def _family(model: nn.Module) -> str:
@@ -25,7 +24,7 @@ def _train(module: nn.Module) -> None:
 @register_method(
     "bitfit", ("cnn", "vit"), description="BitFit: every bias term (+ head)", default_lr=5e-3,
     search_space={},
-    merge=_nothing_to_merge, identity_at_init=True, reference="Ben Zaken et al. 2022",
+    mergeable=True, identity_at_init=True, reference="Ben Zaken et al. 2022",
 )
 def apply_bitfit(model: nn.Module, cfg) -> None:
     for name, param in model.named_parameters():
@@ -71,7 +70,7 @@ class PartialConfig(MethodConfig):
     "partial", ("cnn", "vit"), PartialConfig,
     search_space={'k': [1, 2, 4]},
     description="partial fine-tuning: the last k blocks (ViT) / stages (CNN), the top norm/conv and the head",
-    default_lr=1e-4, merge=_nothing_to_merge, identity_at_init=True,
+    default_lr=1e-4, mergeable=True, identity_at_init=True,
     reference="Yosinski et al. 2014",
 )
 def apply_partial(model: nn.Module, cfg: PartialConfig) -> None:
@@ -100,7 +99,7 @@ def apply_partial(model: nn.Module, cfg: PartialConfig) -> None:
     search_space={},
     description="norm tuning: affine weight/bias of every LayerNorm/BatchNorm/GroupNorm (+ head); "
                 "trained BatchNorms also update and save their running statistics",
-    default_lr=1e-3, merge=_nothing_to_merge, identity_at_init=True,
+    default_lr=1e-3, mergeable=True, identity_at_init=True,
     reference="Basu et al. 2023",
 )
 def apply_norm(model: nn.Module, cfg) -> None:
@@ -129,7 +128,7 @@ def vit_attention_modules(model: nn.Module) -> list[nn.Module]:
     search_space={},
     description="attention tuning: every weight and bias of the self-attention layers "
                 "(qkv and output projection) + head",
-    default_lr=1e-4, merge=_nothing_to_merge, identity_at_init=True,
+    default_lr=1e-4, mergeable=True, identity_at_init=True,
     reference="Touvron et al. 2022 (Three things everyone should know about ViTs)",
 )
 def apply_attention(model: nn.Module, cfg) -> None:
