@@ -149,6 +149,19 @@ class SmoothElastic(v2.ElasticTransform):
         return {"displacement": (field * 2 * self.magnitude).permute(0, 2, 3, 1).contiguous()}
 
 
+class AlignedResizedCrop(v2.RandomResizedCrop):
+    """RandomResizedCrop whose masks are resampled at pixel centres ('nearest-exact', the grid the
+    image's bilinear resize uses): torchvision's 'nearest' for masks samples at pixel corners,
+    which shifted masks by ~0.3-0.45 px against their images (measured over 40 crops at 64 px)."""
+
+    def transform(self, inpt, params):
+        if isinstance(inpt, tv_tensors.Mask):  # (resized_crop's mask kernel ignores the interpolation asked)
+            cropped = v2.functional.crop_mask(inpt.as_subclass(torch.Tensor), **params)
+            out = v2.functional.resize_mask(cropped, list(self.size), interpolation=v2.InterpolationMode.NEAREST_EXACT)
+            return tv_tensors.wrap(out, like=inpt)
+        return super().transform(inpt, params)
+
+
 def _elastic(s: float, h: int, w: int) -> v2.Transform:
     return SmoothElastic(magnitude=0.01 * s)
 
@@ -165,7 +178,7 @@ OPS: dict[str, Op] = {op.name: op for op in [
     Op("vflip", "geometric", 0.5, lambda s, h, w: v2.RandomVerticalFlip(p=1.0), "vertical flip (not for "
        "images with a fixed top, e.g. ultrasound)"),
     Op("rotation", "geometric", 0.5, lambda s, h, w: v2.RandomRotation(degrees=15.0 * s), "rotation by up to 15 deg"),
-    Op("scale", "geometric", 0.5, lambda s, h, w: v2.RandomResizedCrop(
+    Op("scale", "geometric", 0.5, lambda s, h, w: AlignedResizedCrop(
         (h, w), scale=(max(0.05, 1 - 0.3 * s), 1.0), ratio=(1 / (1 + 0.2 * s), 1 + 0.2 * s), antialias=True),
        "random crop of 70-100% of the area, resized back"),
     Op("elastic", "geometric", 0.25, _elastic, "smooth elastic deformation (~1% of the size)"),
