@@ -142,12 +142,32 @@ def reference_sweep(toy_data, tmp_path_factory):
     ({"method_options": {"lora_rnk": 4}}, "unknown option 'lora_rnk' for method 'lora'"),
     ({"method_options": {"foo_bar": 4}}, "method_options key 'foo_bar' names no method"),
     ({"data": ["no_such_dataset"]}, "unknown data set 'no_such_dataset'"),
+    ({"data_options": {"val_ration": 0.1}}, "unknown key(s) ['val_ration'] in 'data_options'"),
+    ({"data_options": {"fraction": 0.1}}, "the sweep sets name, root"),  # from 'fractions', per cell
+    ({"data_options": {"val_ratio": 0.6, "test_ratio": 0.5}}, "val_ratio + test_ratio must be < 1"),
 ])
 def test_experiment_errors_name_the_key_and_value(values, message, toy_data):
     base = {"data": [str(toy_data)], "backbones": ["tiny_cnn"], "image_size": 32}
     with pytest.raises(ConfigError) as err:
         Experiment.from_mapping({**base, **values}).validate()
     assert message in str(err.value)
+
+
+def test_data_options_reach_every_run_of_the_sweep(toy_data):
+    """The literature's 80/10/10 split of Kvasir-SEG is a data option every run (trial or final) must use."""
+    from medpeft.bench.grid import Cell
+
+    exp = Experiment.from_mapping({"data": [str(toy_data)], "backbones": ["tiny_cnn"], "image_size": 32,
+                                   "fractions": [0.5], "data_options": {"val_ratio": 0.1, "test_ratio": 0.1}}).validate()
+    sweep = Sweep(exp, RunOptions(out="unused-out"))
+    config = sweep.run_config(Cell(str(toy_data), "tiny_cnn", "lora", 0.5, 32), seed=3, params={}, n_boot=10)
+    assert (config["data"]["val_ratio"], config["data"]["test_ratio"]) == (0.1, 0.1)
+    assert config["data"]["fraction"] == 0.5 and config["data"]["subset_seed"] == 3  # still the sweep's own
+    plain = sweep.run_config(Cell(str(toy_data), "tiny_cnn", "lora", 0.5, 32), seed=3, params={}, n_boot=10)
+    assert plain == config  # deterministic: the same store key on resume
+    exp.data_options = {}
+    default = Sweep(exp.validate(), RunOptions(out="unused-out"))
+    assert default.run_config(Cell(str(toy_data), "tiny_cnn", "lora", 0.5, 32), 3, {}, 10)["data"]["val_ratio"] == 0.15
 
 
 def test_default_image_size_is_fitted_per_backbone_and_recorded(toy_data):

@@ -40,6 +40,7 @@ experiment file (YAML; every key optional, unknown keys are errors):
   val_labels: follow                # selection labels follow the label budget (full: optimistic)
   margin: 0.02                      # equivalence margin of the report's TOST (metric units)
   method_options: {lora_targets: qv}                         # fixed, not searched
+  data_options: {val_ratio: 0.1, test_ratio: 0.1}            # any 'medpeft run' data option
   n_boot: 1000
   keep_adapters: false
   out: results/
@@ -125,6 +126,8 @@ def add_benchmark_parsers(sub) -> dict:
                    help="any other training option, e.g. --train class_weighted=true (repeatable)")
     g.add_argument("--method-option", type=_kv, action="append", default=[], metavar="KEY=VALUE",
                    help="fixed method option, e.g. --method-option lora_targets=qv (repeatable; not searched)")
+    g.add_argument("--data-option", type=_kv, action="append", default=[], metavar="KEY=VALUE",
+                   help="data option for every run, e.g. --data-option val_ratio=0.1 (repeatable)")
     g.add_argument("--n-boot", type=int, default=None, help="bootstrap resamples for the final runs' CIs")
     g.add_argument("--keep-adapters", action="store_true", default=None,
                    help="keep each final run's adapter.safetensors (default: keep only its size)")
@@ -187,7 +190,7 @@ def experiment_from_args(args):
         hpo_trials=args.hpo_trials, hpo_parallel=args.hpo_parallel, hpo_seed=args.hpo_seed,
         hpo_subsets=args.hpo_subsets, hpo_prune=args.hpo_prune, val_labels=args.val_labels, margin=args.margin,
         n_boot=args.n_boot, keep_adapters=args.keep_adapters, train=train or None,
-        method_options=dict(args.method_option) or None)
+        method_options=dict(args.method_option) or None, data_options=dict(args.data_option) or None)
     for key in ("out", "executor", "address"):
         if getattr(args, key) is not None:
             run[key] = getattr(args, key)

@@ -26,10 +26,14 @@ HPO_KEYS = {"trials": "hpo_trials", "parallel": "hpo_parallel", "seed": "hpo_see
             "startup_trials": "hpo_startup_trials", "prune_min_epochs": "prune_min_epochs",
             "reduction_factor": "prune_reduction_factor", "trial_n_boot": "trial_n_boot"}
 TOP_KEYS = ("data", "data_root", "medmnist_size", "backbones", "methods", "fractions", "seeds", "image_size",
-            "hpo", "train", "method_options", "n_boot", "keep_adapters", "val_labels", "margin", "task")
+            "hpo", "train", "method_options", "n_boot", "keep_adapters", "val_labels", "margin", "task",
+            "data_options")
 RUN_KEYS = ("out", "executor", "address")  # how to run it, not what: allowed in a YAML file too
 # TrainConfig fields a sweep sets itself per run
 TRAIN_RESERVED = ("seed",)
+# DataConfig fields a sweep sets itself (from its own keys, per run)
+DATA_RESERVED = ("name", "root", "image_size", "medmnist_size", "fraction", "shots", "subset_seed", "val_labels",
+                 "task")
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,9 @@ class Experiment:
     val_labels: str = "follow"  # selection labels: follow the label budget, or full (optimistic)
     task: str = "classification"  # classification | segmentation (what the data's targets are)
     margin: float = 0.02  # equivalence margin of the report's TOST, in units of the metric
+    # DataConfig options shared by every run (split ratios and seed, mask classes, ...), e.g.
+    # {val_ratio: 0.1, test_ratio: 0.1} for the literature's 80/10/10 split of Kvasir-SEG
+    data_options: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list, compare=False)  # filled by validate()
 
     # ------------------------------------------------------------------ building
@@ -107,11 +114,11 @@ class Experiment:
     def updated(self, **overrides) -> "Experiment":
         """A copy with the given (not None) fields replaced; ``train`` and ``method_options`` merge."""
         exp = dataclasses.replace(self, train=dict(self.train), method_options=dict(self.method_options),
-                                  notes=[])
+                                  data_options=dict(self.data_options), notes=[])
         for key, value in overrides.items():
             if value is None:
                 continue
-            if key in ("train", "method_options"):
+            if key in ("train", "method_options", "data_options"):
                 getattr(exp, key).update(value)
             elif key in {f.name for f in dataclasses.fields(self)}:
                 setattr(exp, key, value)
@@ -244,11 +251,24 @@ class Experiment:
     def _check_data(self, where: str) -> None:
         from ..data import DataConfig, resolve_source
 
+        if not isinstance(self.data_options, dict):
+            raise ConfigError(f"{where}: data_options must be a mapping like {{val_ratio: 0.1}}, got {self.data_options!r}")
+        known = {f.name for f in dataclasses.fields(DataConfig)} - set(DATA_RESERVED)
+        unknown = sorted(set(self.data_options) - known)
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {unknown} in 'data_options'; expected some of {sorted(known)} "
+                              f"(the sweep sets {', '.join(DATA_RESERVED)} itself)")
+        from ..data.registry import check_data_config
+
         for name in self.data:
             try:
-                resolve_source(DataConfig(name=name, root=self.data_root))
+                cfg = DataConfig(name=name, root=self.data_root, task=self.task, **self.data_options)
+                check_data_config(cfg)  # option values (ratios, names) fail here, before any job starts
+                resolve_source(cfg)
             except ConfigError as err:
                 raise ConfigError(f"{where}: data: {err}") from None
+            except TypeError as err:
+                raise ConfigError(f"{where}: data_options: {err}") from None
 
     # ------------------------------------------------------------------ expansion
 

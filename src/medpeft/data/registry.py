@@ -51,7 +51,7 @@ def resolve_source(cfg: DataConfig) -> tuple[str, str]:
                       "or a CSV manifest (*.csv) with columns path,label[,split][,group]")
 
 
-def _check_config(cfg: DataConfig) -> None:
+def check_data_config(cfg: DataConfig) -> None:
     if cfg.task not in TASKS:
         raise ConfigError(f"task {cfg.task!r} is not one of {', '.join(TASKS)}")
     size = cfg.image_size
@@ -71,7 +71,7 @@ def _check_config(cfg: DataConfig) -> None:
 
 def load_data(cfg: DataConfig) -> DataBundle:
     """Load, split and subset the data described by cfg; images are uint8 at cfg.image_size."""
-    _check_config(cfg)
+    check_data_config(cfg)
     kind, where = resolve_source(cfg)
     if cfg.task == "segmentation":  # images with masks: data/masks.py reads them, the split is shared
         from medpeft.data.masks import load_segmentation
