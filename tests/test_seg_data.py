@@ -414,3 +414,70 @@ def test_augmentation_moves_masks_with_images(spec):
         moved += not torch.equal(out_mask[k], mask[k])
         assert iou(out_mask[k] > 0, out_image[k, 0] > 0.5) > 0.9, (spec, k)
     assert moved >= 2, f"{spec}: the augmentation never changed the geometry"
+
+
+# ----------------------------------------------------------------------------- split groups a folder documents
+def _sides(bundle) -> dict[str, set[str]]:
+    """group -> the splits its images landed in."""
+    sides: dict[str, set[str]] = {}
+    for part in ("train", "val", "test"):
+        subset = getattr(bundle, part)
+        for group in subset.groups:
+            sides.setdefault(group, set()).add(part)
+    return sides
+
+
+def numbered(root: Path, n=12) -> Path:
+    """images/1.png ... images/n.png with masks, named by frame number like CVC-ClinicDB."""
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for k in range(1, n + 1):
+        image, mask = square(box=(2 + k % 5, 3, 12 + k % 5, 15 + k % 7))
+        image[0, 0] = k  # no two images are identical
+        Image.fromarray(image).save(root / "images" / f"{k}.png")
+        Image.fromarray(mask).save(root / "masks" / f"{k}.png")
+    return root
+
+
+def test_cvc_clinicdb_sequences_never_straddle_a_split():
+    """CVC-ClinicDB's frames of one video sequence (its README.txt table) stay on one side of every split."""
+    cvc = SHARED / "CVC-ClinicDB"
+    if not (cvc / "README.txt").is_file():
+        pytest.skip(f"CVC-ClinicDB not found under {cvc}")
+    bundle = load_data(seg_config(cvc, image_size=32, near_duplicates="ignore"))
+    sides = _sides(bundle)
+    sequences = {g for g in sides if g.startswith("sequence-")}
+    assert len(sequences) == 29 and len(sides) == 29  # every frame of the 609 is in a documented sequence
+    assert all(len(parts) == 1 for parts in sides.values()), {g: p for g, p in sides.items() if len(p) > 1}
+    assert bundle.split_info["groups_on_two_sides"] == 0
+
+
+@pytest.mark.parametrize("split_seed", [0, 1, 2])
+def test_readme_frame_ranges_and_groups_csv_keep_groups_on_one_side(tmp_path, split_seed):
+    root = numbered(tmp_path / "seq", n=12)
+    (root / "README.txt").write_text("Frame Number | Sequence\n|  1 to  4  | 1 |\n|  5 to 8 | 2 |\n 9 to 12 | 3\n")
+    bundle = load_data(seg_config(root, image_size=32, near_duplicates="ignore", split_seed=split_seed,
+                                  val_ratio=0.3, test_ratio=0.3))
+    sides = _sides(bundle)
+    assert set(sides) == {"sequence-1", "sequence-2", "sequence-3"}
+    assert all(len(parts) == 1 for parts in sides.values())
+    (root / "groups.csv").write_text("path,group\n" + "".join(f"images/{k}.png,patient-{k % 3}\n" for k in range(1, 13)))
+    bundle = load_data(seg_config(root, image_size=32, near_duplicates="ignore", split_seed=split_seed))
+    sides = _sides(bundle)  # groups.csv wins over the README; its values are hashed (they may be patient ids)
+    assert len(sides) == 3 and not any("patient" in g for g in sides)
+    assert sides.keys() != {"sequence-1", "sequence-2", "sequence-3"}
+    assert all(len(parts) == 1 for parts in sides.values())
+
+
+@pytest.mark.parametrize("content, message", [
+    ("path,grp\nimages/1.png,a\n", "expected columns path,group"),
+    ("path,group\nimages/99.png,a\n", "name no image of the folder, e.g. 'images/99.png'"),
+    ("path,group\nimages/1.png,a\nimages/1.png,b\n", "'images/1.png' is given two groups"),
+    ("path,group\nimages/1.png,\n", "line 2: empty path or group"),
+])
+def test_bad_groups_csv_is_an_error_naming_the_file(tmp_path, content, message):
+    root = numbered(tmp_path / "seq", n=4)
+    (root / "groups.csv").write_text(content)
+    with pytest.raises(DataError, match="groups.csv") as err:
+        load_data(seg_config(root, image_size=32))
+    assert message in str(err.value)

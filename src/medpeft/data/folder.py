@@ -64,8 +64,12 @@ def load_image_folder(root: str, cfg: DataConfig) -> tuple[str, str, list[str], 
     rel_paths, labels, class_names = scan_image_folder(root, cfg.mask_pattern)
     files = [os.path.join(root, p) for p in rel_paths]
     images = load_images(files, cfg.image_size, cfg.dicom_window)
-    pool = ImageSet(images=images, labels=torch.tensor(labels, dtype=torch.int64), ids=rel_paths,
-                    groups=_dicom_groups(files))
+    groups = _dicom_groups(files)
+    if groups is None:  # a groups.csv or README frame-range table of the folder (patients, sequences)
+        from medpeft.data.groups import folder_groups
+
+        groups = folder_groups(root, rel_paths)[0]
+    pool = ImageSet(images=images, labels=torch.tensor(labels, dtype=torch.int64), ids=rel_paths, groups=groups)
     task = "binary" if len(class_names) == 2 else "multiclass"
     name = os.path.basename(os.path.normpath(root))
     return name, task, class_names, pool

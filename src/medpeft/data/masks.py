@@ -87,33 +87,25 @@ def _values(array: np.ndarray) -> np.ndarray:
     return np.unique(array)
 
 
-def _mask_pixels(image: Image.Image, path: str, jpeg: bool) -> np.ndarray:
-    """Decoded mask as a 2D array of gray values / label values (before any checking)."""
+def _mask_pixels(image: Image.Image, jpeg: bool) -> np.ndarray:
+    """Decoded mask pixels before any checking: (H, W) gray / label values, (H, W, 3) for colour
+    modes, float for mode F (``mask_indices`` judges them)."""
     mode = image.mode
     if mode == "1":
         return np.asarray(image).astype(np.uint8)  # bool -> 0/1 (PIL stores True as 255: never .view)
     if jpeg:
         return np.asarray(image.convert("L"))
-    if mode in ("L", "P", "I", "I;16", "I;16L", "I;16B", "I;16N"):
+    if mode in ("L", "P", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
         return np.asarray(image)  # P: palette indices are the label values
     if mode == "LA":
         return np.asarray(image)[..., 0]
-    if mode == "F":
-        array = np.asarray(image)
-        if not np.all(np.isfinite(array)) or not np.array_equal(array, np.round(array)):
-            raise DataError(f"mask {path} holds non-integer (float) values; expected class indices")
-        return array.astype(np.int64)
-    rgb = np.asarray(image.convert("RGB"))
-    if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2])):
-        raise DataError(f"mask {path} is a colour image (mode {mode}, channels differ); expected a grayscale, "
-                        "1-bit or palette mask holding class indices")
-    return rgb[..., 0]
+    return np.asarray(image.convert("RGB"))
 
 
-def read_mask(path: str | os.PathLike, num_classes: int = 2) -> np.ndarray:
-    """One mask file -> uint8 (H, W) class indices at its original size (EXIF orientation applied,
-    like the images). Binary (num_classes 2): JPEG thresholded at > 127, otherwise only {0, 1} or
-    {0, 255} allowed; label maps: values 0..num_classes-1, no JPEG. DataError naming the file."""
+def decode_mask(path: str | os.PathLike) -> tuple[np.ndarray, bool, bool]:
+    """(pixels before any value check, JPEG?, 1-bit?) of one mask file, EXIF orientation applied
+    like the images. DataError naming the file when it cannot be decoded (the audit tells an
+    unreadable mask from one with unexpected values by which step fails)."""
     path = os.fspath(path)
     try:
         with Image.open(path) as image:
@@ -121,15 +113,32 @@ def read_mask(path: str | os.PathLike, num_classes: int = 2) -> np.ndarray:
             jpeg = image.format == "JPEG"
             image = ImageOps.exif_transpose(image)
             one_bit = image.mode == "1"  # 1-bit masks (BUSI) hold 0/1 only: nothing to check
-            array = _mask_pixels(image, path, jpeg)
+            array = _mask_pixels(image, jpeg)
     except FileNotFoundError:
         raise DataError(f"mask file not found: {path}") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise DataError(f"cannot read mask {path}: {exc}; expected a readable PNG/JPEG/BMP/TIFF mask") from None
-    if array.ndim != 2 or array.size == 0:
+    if array.ndim not in (2, 3) or array.size == 0:
         raise DataError(f"cannot read mask {path}: decoded shape {array.shape} is not a 2D mask")
-    if one_bit and array.ndim == 2 and array.size:
+    return array, jpeg, one_bit
+
+
+def mask_indices(array: np.ndarray, path: str, jpeg: bool = False, one_bit: bool = False,
+                 num_classes: int = 2) -> np.ndarray:
+    """Decoded pixels (``decode_mask``) -> uint8 (H, W) class indices. Binary (num_classes 2): JPEG
+    thresholded at > 127, otherwise only {0, 1} or {0, 255} allowed; label maps: values
+    0..num_classes-1, no JPEG. DataError naming the file for any other values."""
+    if one_bit:
         return array
+    if array.ndim == 3:
+        if not (np.array_equal(array[..., 0], array[..., 1]) and np.array_equal(array[..., 1], array[..., 2])):
+            raise DataError(f"mask {path} is a colour image (channels differ); expected a grayscale, "
+                            "1-bit or palette mask holding class indices")
+        array = array[..., 0]
+    if array.dtype.kind == "f":
+        if not np.all(np.isfinite(array)) or not np.array_equal(array, np.round(array)):
+            raise DataError(f"mask {path} holds non-integer (float) values; expected class indices")
+        array = array.astype(np.int64)
     if jpeg:
         if num_classes > 2:
             raise DataError(f"mask {path} is a JPEG file: lossy compression cannot hold a label map of "
@@ -147,6 +156,13 @@ def read_mask(path: str | os.PathLike, num_classes: int = 2) -> np.ndarray:
         raise DataError(f"mask {path} holds the values {_show(values)}; expected class indices 0..{num_classes - 1} "
                         f"({num_classes} mask_classes)")
     return array.astype(np.uint8)
+
+
+def read_mask(path: str | os.PathLike, num_classes: int = 2) -> np.ndarray:
+    """One mask file -> uint8 (H, W) class indices at its original size (``decode_mask`` then
+    ``mask_indices``). DataError naming the file."""
+    array, jpeg, one_bit = decode_mask(path)
+    return mask_indices(array, os.fspath(path), jpeg, one_bit, num_classes)
 
 
 def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
@@ -268,8 +284,10 @@ def _report_missing(missing: list[str], expected, root: str) -> None:
                     "also images without a lesion (use an all-zero mask, as BUSI does for its normal images)")
 
 
-def scan_paired_folder(root: str) -> list[tuple[str, list[str]]]:
-    """[(image id ``images/<rel>``, [mask id ``masks/<rel>``])] of a paired layout, sorted by image."""
+def match_paired_folder(root: str) -> tuple[list[tuple[str, list[str]]], list[str]]:
+    """(pairs [(image id ``images/<rel>``, [mask id ``masks/<rel>``] or [] without a mask)] sorted by
+    image, orphan mask ids) of a paired layout. Missing and orphan masks are returned, not raised:
+    the loader refuses them, the audit lists them all."""
     dirs = _paired_dirs(root)
     if dirs is None:
         raise _no_masks(root)
@@ -281,21 +299,38 @@ def scan_paired_folder(root: str) -> list[tuple[str, list[str]]]:
         raise _no_masks(root)
     if not images:
         raise DataError(f"no images found in {image_dir} (its masks folder {mask_dir} holds {len(masks)} file(s))")
-    missing = [images[k] for k in sorted(images) if k not in masks]
-    _report_missing([f"{image_sub}/{m}" for m in missing],
+    pairs = [(f"{image_sub}/{images[k]}", [f"{mask_sub}/{masks[k]}"] if k in masks else [])
+             for k in sorted(images, key=images.get)]
+    orphans = sorted(f"{mask_sub}/{masks[k]}" for k in masks if k not in images)
+    return pairs, orphans
+
+
+def scan_paired_folder(root: str) -> list[tuple[str, list[str]]]:
+    """[(image id ``images/<rel>``, [mask id ``masks/<rel>``])] of a paired layout, sorted by image;
+    DataError when an image has no mask, a warning for masks without an image."""
+    pairs, orphans = match_paired_folder(root)
+    mask_sub = os.path.basename(_paired_dirs(root)[1])
+    _report_missing([image for image, masks in pairs if not masks],
                     lambda m: f"{mask_sub}/{os.path.splitext(m.split('/', 1)[1])[0]}.<png|jpg|...>", root)
-    orphans = sorted(masks[k] for k in masks if k not in images)
     if orphans:
-        warnings.warn(f"{len(orphans)} mask(s) in {mask_dir} have no image in {image_dir} and are ignored "
+        warnings.warn(f"{len(orphans)} mask(s) in {os.path.join(root, mask_sub)} have no image and are ignored "
                       f"(first: {orphans[0]})", stacklevel=3)
-    return [(f"{image_sub}/{images[k]}", [f"{mask_sub}/{masks[k]}"]) for k in sorted(images, key=images.get)]
+    return pairs
 
 
-def scan_beside_folder(root: str, mask_pattern: str | None = "*_mask*"
-                       ) -> tuple[list[tuple[str, list[str]]], list[int] | None, list[str] | None]:
-    """(pairs [(image id, [mask ids])], class index per image or None, class names or None) of
-    masks lying beside their images. Classes are the sub-folders (as for classification) when
-    there are >= 2 and no loose images in root."""
+def _owner(rel: str, marker: str) -> tuple[str | None, str | None]:
+    """(image key = relative path without extension, stem) that the mask file ``rel`` belongs to."""
+    folder, name = os.path.split(rel)
+    stem = name[:name.rfind(marker)] if marker in name else None
+    return (os.path.join(folder, stem).replace(os.sep, "/") if stem else None), stem
+
+
+def match_beside_folder(root: str, mask_pattern: str | None = "*_mask*") -> tuple[
+        list[tuple[str, list[str]]], list[str], list[int] | None, list[str] | None]:
+    """(pairs [(image id, [mask ids] or [] without a mask)], orphan mask ids, class index per image
+    or None, class names or None) of masks lying beside their images. Classes are the sub-folders
+    (as for classification) when there are >= 2 and no loose images in root. Missing and orphan
+    masks are returned, not raised."""
     marker = _mask_marker(mask_pattern)
     images, masks = [], []
     for rel, name in _walk(root):
@@ -312,18 +347,30 @@ def scan_beside_folder(root: str, mask_pattern: str | None = "*_mask*"
         images, labels, class_names = scan_image_folder(root, mask_pattern)  # sorted by class, then path
     image_of = _by_stem(images, "image", root)
     owned: dict[str, list[str]] = {}
+    orphans = []
     for rel in masks:  # sorted: <stem>_mask before <stem>_mask_1
-        folder, name = os.path.split(rel)
-        stem = name[:name.rfind(marker)] if marker in name else None
-        key = os.path.join(folder, stem).replace(os.sep, "/") if stem else None
-        if key not in image_of:
-            raise DataError(f"mask {os.path.join(root, rel)} has no image: expected {stem or '<stem>'}.<png|jpg|...> "
-                            f"beside it (a mask '<stem>{marker}...' belongs to the image '<stem>')")
-        owned.setdefault(key, []).append(rel)
-    missing = [image_of[k] for k in image_of if k not in owned]
+        key = _owner(rel, marker)[0]
+        if key in image_of:
+            owned.setdefault(key, []).append(rel)
+        else:
+            orphans.append(rel)
+    return [(rel, owned.get(os.path.splitext(rel)[0], [])) for rel in images], orphans, labels, class_names
+
+
+def scan_beside_folder(root: str, mask_pattern: str | None = "*_mask*"
+                       ) -> tuple[list[tuple[str, list[str]]], list[int] | None, list[str] | None]:
+    """(pairs [(image id, [mask ids])], class index per image or None, class names or None) of
+    masks lying beside their images; DataError for a mask without an image or an image without a mask."""
+    pairs, orphans, labels, class_names = match_beside_folder(root, mask_pattern)
+    marker = _mask_marker(mask_pattern)
+    if orphans:
+        stem = _owner(orphans[0], marker)[1]
+        raise DataError(f"mask {os.path.join(root, orphans[0])} has no image: expected {stem or '<stem>'}.<png|jpg|...> "
+                        f"beside it (a mask '<stem>{marker}...' belongs to the image '<stem>')")
+    missing = [image for image, masks in pairs if not masks]
     _report_missing(sorted(missing), lambda m: f"{os.path.splitext(os.path.basename(m))[0]}{marker}.png beside it",
                     root)
-    return [(rel, owned[os.path.splitext(rel)[0]]) for rel in images], labels, class_names
+    return pairs, labels, class_names
 
 
 def _foreground_strata(has_foreground: list[bool]) -> torch.Tensor:
@@ -351,7 +398,10 @@ def load_mask_folder(root: str, cfg: DataConfig) -> SegmentationSource:
     else:
         pairs, labels, folder_classes = scan_beside_folder(root, cfg.mask_pattern)
         strata_names = list(folder_classes) if folder_classes else list(FOREGROUND_STRATA)
-    pool = _pool(root, pairs, cfg, class_names, labels)
+    from medpeft.data.groups import folder_groups
+
+    # patients / video sequences the folder documents (CVC-ClinicDB: README.txt frame ranges)
+    pool = _pool(root, pairs, cfg, class_names, labels, folder_groups(root, [image for image, _ in pairs])[0])
     return SegmentationSource(name=os.path.basename(os.path.normpath(root)), class_names=class_names, pool=pool,
                               split=None, strata_names=strata_names, layout=layout)
 
