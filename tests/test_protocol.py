@@ -157,6 +157,27 @@ def test_every_method_gets_the_same_augmentation(toy):
     assert setup.cache.active  # augmentation off for all: the probe may cache its features
 
 
+def test_head_lr_gives_the_head_its_own_rate_and_nothing_else(toy):
+    """--head-lr: the head / decoder learns at its own rate (the schedule scales it like the rest),
+    the adapted encoder parameters at lr; without it, one group at lr."""
+    bundle = load_data(DataConfig(name=str(toy), image_size=32, audit="off"))
+    model, info, _, _ = build_model("tiny_cnn", 2, 32, "lora", {}, pretrained=False)
+    setup = prepare_training(model, bundle, info.mean, info.std, TrainConfig(epochs=1, head_lr=5e-3), lr=1e-4)
+    head = {id(p) for p in model.get_classifier().parameters()}
+    groups = setup.optimizer.param_groups
+    assert [g["initial_lr"] for g in groups] == [1e-4, 5e-3]
+    assert {id(p) for p in groups[1]["params"]} == head and not head & {id(p) for p in groups[0]["params"]}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert {id(p) for g in groups for p in g["params"]} == trainable
+    model, info, _, _ = build_model("tiny_cnn", 2, 32, "linear", {}, pretrained=False)  # the head alone
+    setup = prepare_training(model, bundle, info.mean, info.std, TrainConfig(epochs=1, head_lr=5e-3), lr=1e-4)
+    assert [g["initial_lr"] for g in setup.optimizer.param_groups] == [5e-3]
+    setup = prepare_training(model, bundle, info.mean, info.std, TrainConfig(epochs=1), lr=1e-4)
+    assert [g["initial_lr"] for g in setup.optimizer.param_groups] == [1e-4]
+    with pytest.raises(ConfigError, match="head_lr must be a positive learning rate"):
+        TrainConfig(head_lr=-1.0)
+
+
 # ---------------------------------------------------------------------- cross-validated selection
 
 

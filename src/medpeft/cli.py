@@ -108,6 +108,9 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                    help="train at least this many optimizer steps (raises the epochs for tiny label fractions)")
     g.add_argument("--batch-size", type=int, default=32, help="training batch size (default 32)")
     g.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's own)")
+    g.add_argument("--head-lr", type=float, default=None,
+                   help="learning rate of the head / segmentation decoder (default: --lr); one rate for every "
+                        "method's decoder makes a segmentation comparison about the encoder")
     g.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default 1e-4)")
     g.add_argument("--warmup-epochs", type=float, default=1.0,
                    help="linear warm-up before the cosine decay, in epochs (default 1)")
@@ -229,7 +232,7 @@ def run_config_from_args(args) -> "RunConfig":
                                   else args.near_duplicate_threshold),
     )
     train = TrainConfig(
-        epochs=args.epochs, steps=args.steps, select=args.select, min_steps=args.min_steps, bn_stats=args.bn_stats, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        epochs=args.epochs, steps=args.steps, select=args.select, min_steps=args.min_steps, bn_stats=args.bn_stats, batch_size=args.batch_size, lr=args.lr, head_lr=args.head_lr, weight_decay=args.weight_decay,
         warmup_epochs=args.warmup_epochs, patience=args.patience, monitor=args.monitor, seg_loss=args.seg_loss,
         nsd_tolerance=args.nsd_tolerance,
         class_weighted=args.class_weighted, grad_clip=args.grad_clip or None, augment=args.augment,

@@ -46,6 +46,10 @@ class TrainConfig:
     batch_size: int = 32
     eval_batch_size: int = 128
     lr: float | None = None  # None: the method's default learning rate
+    # learning rate of the task head / decoder (trained from scratch by every method); None: lr.
+    # A segmentation comparison gives every method's decoder the same rate, so the methods differ
+    # only in how the encoder learns (full fine-tuning's 1e-4 would otherwise also slow its decoder)
+    head_lr: float | None = None
     weight_decay: float = 1e-4
     warmup_epochs: float = 1.0
     patience: int = 6  # epochs without validation improvement before stopping
@@ -98,6 +102,9 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "eval_batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.head_lr is not None and (isinstance(self.head_lr, bool) or not isinstance(self.head_lr, (int, float))
+                                         or not 0 < self.head_lr < 10):
+            raise ConfigError(f"head_lr must be a positive learning rate (e.g. 1e-3) or unset, got {self.head_lr!r}")
         if self.steps is not None and (isinstance(self.steps, bool) or int(self.steps) < 1):
             raise ConfigError(f"steps must be a whole number >= 1 (optimizer steps), got {self.steps!r}")
         cv_folds(self.select)  # ConfigError for a bad selection mode
@@ -320,6 +327,11 @@ def prepare_training(model: nn.Module, bundle: DataBundle, mean, std, cfg: Train
         val_loader = _cached_loader(plan, val_loader, bundle.val.images, amp_dtype, cfg.eval_batch_size)
 
     params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.head_lr is not None:  # the head / decoder in its own group (the schedule scales both alike)
+        head = {id(p) for p in model.get_classifier().parameters()}
+        params = [{"params": [p for p in params if id(p) not in head]},
+                  {"params": [p for p in params if id(p) in head], "lr": float(cfg.head_lr)}]
+        params = [group for group in params if group["params"]]
     optimizer = make_adamw(params, lr, cfg.weight_decay, device, fused=cfg.fused_adamw)
     epochs, steps_per_epoch = plan_epochs(len(bundle.train), cfg)
     total_steps = epochs * steps_per_epoch
