@@ -7,6 +7,7 @@ augmentation policy for every method.
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 
 import numpy as np
@@ -22,7 +23,7 @@ from medpeft.data import load_data
 from medpeft.data.base import DataConfig
 from medpeft.errors import ConfigError
 from medpeft.run import RunConfig, build_model, execute
-from medpeft.train import TrainConfig, plan_epochs, prepare_training
+from medpeft.train import TrainConfig, plan_epochs, prepare_training, train_epoch
 
 from test_benchmark import make_toy, run_local, store_rows
 
@@ -169,6 +170,8 @@ def test_head_lr_gives_the_head_its_own_rate_and_nothing_else(toy):
     assert {id(p) for p in groups[1]["params"]} == head and not head & {id(p) for p in groups[0]["params"]}
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert {id(p) for g in groups for p in g["params"]} == trainable
+    assert {id(p) for p in setup.params} == trainable  # gradient clipping sees every trained tensor
+    assert math.isfinite(train_epoch(setup, 2))  # steps run (and clip gradients) with two groups
     model, info, _, _ = build_model("tiny_cnn", 2, 32, "linear", {}, pretrained=False)  # the head alone
     setup = prepare_training(model, bundle, info.mean, info.std, TrainConfig(epochs=1, head_lr=5e-3), lr=1e-4)
     assert [g["initial_lr"] for g in setup.optimizer.param_groups] == [5e-3]

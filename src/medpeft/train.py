@@ -327,12 +327,13 @@ def prepare_training(model: nn.Module, bundle: DataBundle, mean, std, cfg: Train
         val_loader = _cached_loader(plan, val_loader, bundle.val.images, amp_dtype, cfg.eval_batch_size)
 
     params = [p for p in model.parameters() if p.requires_grad]
+    groups = params
     if cfg.head_lr is not None:  # the head / decoder in its own group (the schedule scales both alike)
         head = {id(p) for p in model.get_classifier().parameters()}
-        params = [{"params": [p for p in params if id(p) not in head]},
+        groups = [{"params": [p for p in params if id(p) not in head]},
                   {"params": [p for p in params if id(p) in head], "lr": float(cfg.head_lr)}]
-        params = [group for group in params if group["params"]]
-    optimizer = make_adamw(params, lr, cfg.weight_decay, device, fused=cfg.fused_adamw)
+        groups = [group for group in groups if group["params"]]
+    optimizer = make_adamw(groups, lr, cfg.weight_decay, device, fused=cfg.fused_adamw)
     epochs, steps_per_epoch = plan_epochs(len(bundle.train), cfg)
     total_steps = epochs * steps_per_epoch
     warmup = int(cfg.warmup_epochs * steps_per_epoch)

@@ -37,6 +37,12 @@ from .store import Store, export
 BASELINE = "full"  # the reference every method is compared with
 # never counted as PEFT: full fine-tuning, the linear probe and partial fine-tuning
 BASELINES = ("full", "linear", "decoder", "partial")
+
+
+def _baseline_names() -> str:
+    """'Full, linear, decoder and partial' from BASELINES (decoder: the segmentation linear probe)."""
+    *head, last = BASELINES
+    return (", ".join(head) + " and " + last).capitalize()
 ALPHA = 0.05
 DEFAULT_MARGIN = 0.02  # equivalence margin on the metric's scale (experiment meta "margin" overrides)
 POWER = 0.8
@@ -599,7 +605,7 @@ def _blocks(summary, cells, store: Store, plots: dict, metric: str, notes: list[
                               f"Verdict (from the Holm p): better / worse when significant (even inside the margin), "
                               f"equivalent when TOST p < {ALPHA}, else inconclusive. The best method of a cell is "
                               f"chosen on validation ({monitor}, mean over its final runs), never on test; ranks by "
-                              f"test mean are descriptive. Full, linear and partial are baselines, not PEFT. "
+                              f"test mean are descriptive. {_baseline_names()} are baselines, not PEFT. "
                               f"Peak memory: GPU peak allocation on a GPU, else the process's resident memory above "
                               f"its level at the start of the run."))
     for note in list(sweep_notes) + list(notes):
