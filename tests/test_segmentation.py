@@ -258,3 +258,83 @@ def test_audit_of_a_segmentation_bundle_names_the_strata(seg_folder):
     report = audit_dataset(bundle)
     assert set(report.class_names) == set(bundle.split_info["strata"])
     assert "background" not in report.class_names  # mask classes are not what the splits balance
+
+
+# ---------------------------------------------------------------------- box prompts (litemedsam)
+
+
+def test_mask_boxes_are_the_foreground_bounding_boxes():
+    from medpeft.tasks.segmentation import mask_boxes
+
+    rng = np.random.default_rng(1)
+    masks = torch.zeros(5, 20, 30, dtype=torch.uint8)
+    for i in range(4):
+        r0, c0 = rng.integers(0, 10), rng.integers(0, 15)
+        masks[i, r0:r0 + rng.integers(1, 10), c0:c0 + rng.integers(1, 15)] = 1 + i % 2
+    masks[3, 19, 29] = 1  # a second blob: the box spans both
+    boxes = mask_boxes(masks)
+    for i in range(4):
+        ys, xs = np.nonzero(masks[i].numpy())
+        assert boxes[i].tolist() == [xs.min(), ys.min(), xs.max(), ys.max()]  # x0, y0, x1, y1, inclusive
+    assert torch.isnan(boxes[4]).all()  # empty mask: no box
+    gen = torch.Generator().manual_seed(0)
+    jittered = mask_boxes(masks, 0.05, gen)
+    torch.testing.assert_close(jittered, mask_boxes(masks, 0.05, torch.Generator().manual_seed(0)), equal_nan=True,
+                               rtol=0, atol=0)  # seeded
+    moved = (jittered[:4] - boxes[:4]).abs()
+    assert moved.max() > 0 and (moved[:, 0::2] <= 0.05 * 30 + 1e-6).all() and (moved[:, 1::2] <= 0.05 * 20 + 1e-6).all()
+    assert (jittered[:4, 0::2] >= 0).all() and (jittered[:4, 0::2] <= 29).all() and torch.isnan(jittered[4]).all()
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("segment_anything") is None,
+                    reason="segment-anything not installed")
+def test_an_image_without_a_box_gets_the_unprompted_output():
+    from medpeft.backbones.litemedsam import LiteMedSAMSegmenter
+    from medpeft.tasks.segmentation import PromptableSegmentationModel
+
+    torch.manual_seed(0)
+    model = PromptableSegmentationModel(LiteMedSAMSegmenter(num_classes=1, image_size=32), 2).eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        plain = model(x)
+        mixed = model(x, torch.tensor([[float("nan")] * 4, [3.0, 4.0, 20.0, 18.0]]))
+    torch.testing.assert_close(mixed[0], plain[0])  # no box: the learned default prompt
+    assert not torch.allclose(mixed[1], plain[1], atol=1e-4)  # a box changes the mask
+
+
+def test_box_prompts_need_a_promptable_model(seg_folder, tmp_path):
+    with pytest.raises(ConfigError, match="prompt 'box' needs a promptable segmenter"):
+        execute(seg_config(seg_folder, prompt="box"), out_dir=tmp_path / "x")
+    assert not (tmp_path / "x" / "metrics.json").exists()
+    with pytest.raises(ConfigError, match="prompt 'boxes' is not one of none, box"):
+        TrainConfig(prompt="boxes")
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("segment_anything") is None,
+                    reason="segment-anything not installed")
+def test_box_prompted_litemedsam_run_is_labelled_and_predict_needs_boxes(seg_folder, tmp_path):
+    cfg = seg_config(seg_folder, method="decoder", backbone="litemedsam", prompt="box", steps=2)
+    out = tmp_path / "prompted"
+    execute(cfg, out_dir=out)
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["prompt"] == "box" and 0 <= saved["test"]["dice"]["value"] <= 1
+    files = [str(seg_folder / "images" / "000.png"), str(seg_folder / "images" / "001.png")]
+    assert main(["predict", str(out), *files, "--out", str(tmp_path / "p0")]) == 2  # boxes are required
+    boxes = tmp_path / "boxes.csv"
+    boxes.write_text(f"path,x0,y0,x1,y1\n{files[0]},4,6,30,28\n")  # the second image: no box
+    assert main(["predict", str(out), *files, "--out", str(tmp_path / "p1"), "--boxes", str(boxes)]) == 0
+    assert (tmp_path / "p1" / "000_mask.png").is_file() and (tmp_path / "p1" / "001_mask.png").is_file()
+    boxes.write_text(f"path,x0,y0,x1,y1\n{files[0]},30,6,4,28\n")
+    assert main(["predict", str(out), *files, "--out", str(tmp_path / "p2"), "--boxes", str(boxes)]) == 2
+    from medpeft.cli import read_boxes  # the CSV's boxes are scaled from the image's 48 px to the 32 px input
+
+    boxes.write_text(f"path,x0,y0,x1,y1\n{files[0]},6,9,30,27\n")
+    scaled = read_boxes(str(boxes), files, 32)
+    assert scaled[0].tolist() == [4.0, 6.0, 20.0, 18.0] and torch.isnan(scaled[1]).all()
+    loaded, seen = load_run(out), []  # ... and reach the model, batch by batch
+    forward = loaded.model.forward
+    loaded.model.forward = lambda x, boxes=None: (seen.append(boxes), forward(x, boxes))[1]
+    images = load_data(cfg.data).test
+    given = torch.arange(len(images) * 4, dtype=torch.float32).reshape(-1, 4)
+    predict_images(loaded.model, images, loaded.mean, loaded.std, "segmentation", 2, batch_size=3, boxes=given)
+    assert torch.equal(torch.cat([b.cpu() for b in seen]), given) and len(seen) == -(-len(images) // 3)

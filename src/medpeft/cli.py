@@ -5,6 +5,7 @@ Every user error (a ``MedpeftError``) is printed as one line naming the bad valu
 from __future__ import annotations
 
 import argparse
+import os
 import dataclasses
 import sys
 from pathlib import Path
@@ -120,6 +121,10 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                         "of the task (auroc, acc, balanced_acc, f1, sensitivity, specificity; dice, iou, vs, hd95, "
                         "assd, nsd)")
     g.add_argument("--seg-loss", default="dice_ce", help="segmentation loss: dice_ce (default), dice, ce, dice_focal")
+    g.add_argument("--prompt", default="none", choices=("none", "box"),
+                   help="segmentation with litemedsam: none (default: a learned prompt) or box (each image's "
+                        "ground-truth bounding box, jittered in training; results are 'prompted', never ranked "
+                        "with unprompted ones; predict then needs --boxes)")
     g.add_argument("--nsd-tolerance", type=float, default=2.0,
                    help="segmentation: tolerance of the normalised surface Dice, in pixels (default 2)")
     g.add_argument("--class-weighted", action="store_true", help="inverse-frequency class weights in the loss")
@@ -186,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="classification: CSV file for the predictions (default: print); segmentation: folder "
                               "for a mask PNG and an overlay per image (required)")
     predict.add_argument("--window", default=None, help="DICOM window CENTER,WIDTH (default: each file's own)")
+    predict.add_argument("--boxes", default=None, metavar="CSV",
+                         help="box prompts for a run trained with --prompt box: CSV path,x0,y0,x1,y1 in each image's "
+                              "own pixels (an image without a row gets the default prompt)")
 
     export = sub.add_parser("export", help="write a merged, plain timm state dict (safetensors) of a trained run")
     export.add_argument("run", help="run folder written by 'medpeft run' (or its adapter.safetensors)")
@@ -233,7 +241,7 @@ def run_config_from_args(args) -> "RunConfig":
     )
     train = TrainConfig(
         epochs=args.epochs, steps=args.steps, select=args.select, min_steps=args.min_steps, bn_stats=args.bn_stats, batch_size=args.batch_size, lr=args.lr, head_lr=args.head_lr, weight_decay=args.weight_decay,
-        warmup_epochs=args.warmup_epochs, patience=args.patience, monitor=args.monitor, seg_loss=args.seg_loss,
+        warmup_epochs=args.warmup_epochs, patience=args.patience, monitor=args.monitor, seg_loss=args.seg_loss, prompt=args.prompt,
         nsd_tolerance=args.nsd_tolerance,
         class_weighted=args.class_weighted, grad_clip=args.grad_clip or None, augment=args.augment,
         augment_strength=args.augment_strength, mix=args.mix,
@@ -279,12 +287,57 @@ def cmd_predict(args) -> int:
     from .train import predict_images
 
     loaded = load_run(args.run, weights=args.weights, merge=args.merge)
+    prompted = loaded.metadata.get("prompt", "none") == "box"
+    if prompted != (args.boxes is not None):
+        raise ConfigError(f"{args.run} was trained with box prompts: give --boxes CSV (path,x0,y0,x1,y1)" if prompted
+                          else f"--boxes: {args.run} was trained without prompts; its model takes no boxes")
     stacked = load_images(args.images, loaded.image_size, args.window)  # same decoding/resizing as training
     images = ImageSet(stacked, torch.zeros(len(args.images), dtype=torch.long), list(args.images))
     kind = loaded.task
-    predictions = predict_images(loaded.model, images, loaded.mean, loaded.std, kind, len(loaded.class_names))
+    boxes = read_boxes(args.boxes, args.images, loaded.image_size) if prompted else None
+    predictions = predict_images(loaded.model, images, loaded.mean, loaded.std, kind, len(loaded.class_names),
+                                 boxes=boxes)
     print(get_task(kind).write_user_predictions(list(args.images), predictions, loaded.class_names, kind, args.out))
     return 0
+
+
+def read_boxes(path: str, images: list[str], size: int):
+    """[N, 4] boxes (x0, y0, x1, y1) in pixels of the ``size`` model input from a CSV path,x0,y0,x1,y1 in
+    each image's own pixels; NaN rows for images the file does not name."""
+    import csv
+
+    import torch
+
+    from .data.io import read_image
+
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+    except OSError as err:
+        raise ConfigError(f"--boxes {path}: cannot read it ({err.strerror})") from None
+    columns = ("path", "x0", "y0", "x1", "y1")
+    if not rows or any(c not in rows[0] for c in columns):
+        raise ConfigError(f"--boxes {path}: expected a header {','.join(columns)} and one row per image")
+    table = {}
+    for line, row in enumerate(rows, start=2):
+        try:
+            box = [float(row[c]) for c in columns[1:]]
+        except (TypeError, ValueError):
+            raise ConfigError(f"--boxes {path}, line {line}: x0,y0,x1,y1 must be numbers, got "
+                              f"{[row.get(c) for c in columns[1:]]}") from None
+        if not (box[0] <= box[2] and box[1] <= box[3]) or min(box) < 0:
+            raise ConfigError(f"--boxes {path}, line {line}: box {box} is not x0 <= x1, y0 <= y1 in pixels >= 0")
+        table[os.path.normpath(row["path"])] = box
+    stray = sorted(set(table) - {os.path.normpath(p) for p in images})
+    if stray:
+        raise ConfigError(f"--boxes {path}: {len(stray)} row(s) name no image given, e.g. {stray[0]!r}")
+    out = torch.full((len(images), 4), float("nan"))
+    for i, image in enumerate(images):
+        box = table.get(os.path.normpath(image))
+        if box is not None:
+            height, width = read_image(image).shape[:2]
+            out[i] = torch.tensor(box) * torch.tensor([size / width, size / height] * 2)
+    return out
 
 
 def cmd_export(args) -> int:

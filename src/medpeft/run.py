@@ -203,6 +203,8 @@ def execute(cfg: RunConfig, out_dir: str | Path | None = None, bundle: DataBundl
         # the labels model selection used: scarce by default (validation follows the label budget)
         "selection": {"mode": cfg.train.select, "val_labels": None if folds else cfg.data.val_labels,
                       "n_selection_labels": n_selection},
+        # box prompts from the ground truth: prompted scores, not comparable with unprompted ones
+        "prompt": cfg.train.prompt,
         "params": counts,
         "audit": audit,
         "best_epoch": result.best_epoch,
@@ -315,6 +317,7 @@ def write_run(out: Path, cfg: RunConfig, metrics: dict, history: list[dict], mod
         "num_classes": str(bundle.num_classes), "class_names": json.dumps(bundle.class_names),
         "task": bundle.task, "image_size": str(cfg.data.image_size), "mean": json.dumps(list(info.mean)),
         "std": json.dumps(list(info.std)), "medpeft_version": __version__,
+        "prompt": cfg.train.prompt,  # a box-prompted model needs boxes at prediction time too
     }
     state = {k: v.detach().to("cpu").contiguous() for k, v in trained_state_dict(model).items()}
     adapter = out / ADAPTER_FILE

@@ -58,6 +58,10 @@ class TrainConfig:
     monitor: str = "auto"
     seg_loss: str = "dice_ce"  # segmentation loss: dice_ce | dice | ce | dice_focal
     nsd_tolerance: float = 2.0  # segmentation: surface-Dice tolerance in pixels
+    # segmentation with a promptable model (litemedsam): none (a learned default prompt) or box
+    # (each image's ground-truth bounding box, jittered in training): "prompted" results, never
+    # to be ranked with unprompted ones
+    prompt: str = "none"
     class_weighted: bool = False  # inverse-frequency class weights in the loss
     grad_clip: float | None = 1.0
     # auto (light, for every method alike: a comparison gives each method the same augmentation) |
@@ -86,6 +90,8 @@ class TrainConfig:
             raise ConfigError(f"monitor {self.monitor!r} is not one of {', '.join(sorted(known_monitors()))}")
         from .tasks.seg_loss import SEG_LOSSES
 
+        if self.prompt not in ("none", "box"):
+            raise ConfigError(f"prompt {self.prompt!r} is not one of none, box")
         if self.seg_loss not in SEG_LOSSES:
             raise ConfigError(f"seg_loss {self.seg_loss!r} is not one of {', '.join(SEG_LOSSES)}")
         if isinstance(self.nsd_tolerance, bool) or not isinstance(self.nsd_tolerance, (int, float)) \
@@ -171,7 +177,7 @@ def task_options(bundle: DataBundle, cfg: TrainConfig, device=None) -> dict:
     return {"kind": bundle.task, "num_classes": bundle.num_classes,
             "positive": 1 if bundle.positive_class is None else int(bundle.positive_class),
             "class_weighted": cfg.class_weighted, "seg_loss": cfg.seg_loss, "nsd_tolerance": cfg.nsd_tolerance,
-            "monitor": task.resolve_monitor(cfg.monitor), "device": device or "cpu"}
+            "monitor": task.resolve_monitor(cfg.monitor), "device": device or "cpu", "prompt": cfg.prompt}
 
 
 class _TensorLoader:
@@ -211,7 +217,7 @@ def predict(model: nn.Module, loader, task, options: dict, amp_dtype=None) -> tu
     criterion = options["plain_loss"]
     for x, y in loader:
         with torch.autocast(loader.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(x)
+            logits = task.forward(model, x, y, options)
         logits = logits.float()
         losses += float(criterion(logits, y)) * len(y)
         n += len(y)
@@ -270,6 +276,7 @@ class TrainingSetup:
     augment_name: str
     mix: MixConfig
     mix_gen: torch.Generator
+    prompt_gen: torch.Generator  # box-prompt jitter (its own stream, like mixing)
     num_classes: int
     grad_clip: float | None
     bn_stats: str = "frozen"
@@ -297,6 +304,7 @@ def make_adamw(params, lr: float, weight_decay: float, device: torch.device, fus
 
 def prepare_training(model: nn.Module, bundle: DataBundle, mean, std, cfg: TrainConfig, lr: float,
                      with_test: bool = True) -> TrainingSetup:
+    get_task(bundle.task).check_model(model, {"prompt": cfg.prompt})  # before anything is moved or cached
     device = resolve_device(cfg.device)
     amp_dtype = torch.bfloat16 if (cfg.amp and device.type == "cuda") else None
     model.to(device)
@@ -310,7 +318,8 @@ def prepare_training(model: nn.Module, bundle: DataBundle, mean, std, cfg: Train
     mix = MixConfig(mode=cfg.mix)
     train_loader, val_loader, test_loader = make_loaders(bundle, mean, std, cfg, device, augment,
                                                          with_test=with_test, channels_last=channels_last)
-    stale = [f"augment={augment_name!r}"] * (augment is not None) + [f"mix={cfg.mix!r}"] * mix.active
+    stale = [f"augment={augment_name!r}"] * (augment is not None) + [f"mix={cfg.mix!r}"] * mix.active \
+        + [f"prompt={cfg.prompt!r}"] * (cfg.prompt != "none")  # the prompt enters after the trunk
     n_cached = len(bundle.train) + len(bundle.val) + (len(bundle.test) if with_test else 0)
     probe = train_loader.to_input(train_loader.images[:4])  # no generator: not augmented
     plan = plan_cache(model, cfg.cache_features, stale, probe, n_cached)
@@ -355,6 +364,7 @@ def prepare_training(model: nn.Module, bundle: DataBundle, mean, std, cfg: Train
         criterion=task.loss(bundle, options), params=params, task=task, options=options, device=device, amp_dtype=amp_dtype, cache=plan,
         augment_name=augment_name, mix=mix,
         mix_gen=torch.Generator().manual_seed(cfg.seed * 100_003 + 99_991),  # own stream: mixing on/off keeps the order
+        prompt_gen=torch.Generator().manual_seed(cfg.seed * 100_003 + 77_773),
         num_classes=bundle.num_classes, grad_clip=cfg.grad_clip, epochs=epochs, steps_per_epoch=steps_per_epoch,
         bn_stats=cfg.bn_stats,
     )
@@ -375,7 +385,7 @@ def train_epoch(setup: TrainingSetup, max_steps: int | None = None) -> float:
         if s.mix.active:  # soft targets [B, K]; cross-entropy takes class probabilities
             x, y = mix_batch(x, y, s.num_classes, s.mix_gen, s.mix)
         with torch.autocast(s.device.type, dtype=s.amp_dtype, enabled=s.amp_dtype is not None):
-            logits = s.step_net(x)
+            logits = s.task.forward(s.step_net, x, y, s.options, gen=s.prompt_gen)
         loss = s.criterion(logits.float(), y)
         s.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -460,12 +470,18 @@ def train_model(model: nn.Module, bundle: DataBundle, mean, std, cfg: TrainConfi
 
 
 def predict_images(model, images: ImageSet, mean, std, kind: str, num_classes: int, batch_size=128,
-                   device="cpu") -> np.ndarray:
-    """The task's predictions for images without targets (``medpeft predict``)."""
+                   device="cpu", boxes: torch.Tensor | None = None) -> np.ndarray:
+    """The task's predictions for images without targets (``medpeft predict``); ``boxes`` [N, 4] in
+    pixels of the model input (NaN rows: no box) for a box-prompted segmenter."""
     task = get_task(kind)
     loader = BatchLoader(images, batch_size, mean, std, device=resolve_device(device), targets=lambda d: d.labels)
     model.to(loader.device)
     set_train_mode(model, False)
-    options = {"kind": kind, "num_classes": num_classes}
+    options = {"kind": kind, "num_classes": num_classes, "prompt": "none" if boxes is None else "box"}
+    task.check_model(model, options)
+    outs = []
     with torch.inference_mode():
-        return torch.cat([task.predictions(model(x).float(), options).cpu() for x, _ in loader]).numpy()
+        for i, (x, _) in enumerate(loader):
+            batch = options if boxes is None else {**options, "boxes": boxes[i * batch_size:(i + 1) * batch_size]}
+            outs.append(task.predictions(task.forward(model, x, None, batch).float(), batch).cpu())
+    return torch.cat(outs).numpy()

@@ -424,16 +424,24 @@ class LiteMedSAMSegmenter(nn.Module):
 
     def prompt_embeddings(self, batch: int, grid: tuple[int, int], boxes: torch.Tensor | None,
                           size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sparse [B, n, 256], dense [B, 256, h, w]) for boxes in pixels of a ``size`` input, or the default."""
+        """(sparse [B, n, 256], dense [B, 256, h, w]) for boxes in pixels of a ``size`` input, or the default.
+
+        A row of NaNs is an image without a box (nothing to point at, e.g. a normal scan): it gets the
+        default prompt, like an unprompted image.
+        """
+        default = self.default_prompt.expand(batch, -1, -1)
         if boxes is None:
-            sparse = self.default_prompt.expand(batch, -1, -1)
+            sparse = default
         else:
             boxes = torch.as_tensor(boxes, dtype=torch.float32, device=self.default_prompt.device)
             boxes = boxes.reshape(batch, 4)
+            missing = torch.isnan(boxes).any(dim=1)
+            boxes = torch.nan_to_num(boxes)
             if tuple(size) != (self.image_size, self.image_size):  # the prompt encoder normalises by its size
                 scale = torch.tensor([self.image_size / size[1], self.image_size / size[0]] * 2, device=boxes.device)
                 boxes = boxes * scale
             sparse, _ = self.prompt_encoder(points=None, boxes=boxes, masks=None)
+            sparse = torch.where(missing[:, None, None], default.to(sparse.dtype), sparse)
         dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(batch, -1, *grid)
         return sparse, dense
 

@@ -464,7 +464,9 @@ def _settings_lines(experiment: dict | None) -> list[str]:
                                 if experiment.get("val_labels") == "follow" else "the whole validation split"),
         "training: " + (", ".join(f"{k}={v}" for k, v in sorted(train.items())) or "medpeft defaults")
         + " (early stopping on validation; the best state is tested once)",
-    ]
+    ] + (["**PROMPTED**: every mask was predicted from a box prompt (the ground-truth mask's bounding box, "
+          "jittered in training): these scores use test-time information an unprompted model does not have and "
+          "are never to be ranked with unprompted results"] if train.get("prompt") == "box" else [])
 
 
 def _hpo_line(experiment: dict) -> str:

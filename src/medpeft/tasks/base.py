@@ -64,6 +64,17 @@ class Task:
         ``get_classifier()`` returns the part that is always trained and saved."""
         raise NotImplementedError
 
+    def forward(self, model: nn.Module, x: torch.Tensor, targets: torch.Tensor | None, options: dict,
+                gen: torch.Generator | None = None) -> torch.Tensor:
+        """The model's outputs for a batch (``gen``: given while training). Tasks with prompts
+        (segmentation with box prompts) derive the extra inputs here."""
+        return model(x)
+
+    def check_model(self, model: nn.Module, options: dict) -> None:
+        """ConfigError when the run's options ask the model for something it cannot do."""
+        if options.get("prompt", "none") != "none":
+            raise ConfigError(f"prompt {options['prompt']!r}: a {self.name} model takes no prompts")
+
     def methods_target(self, model: nn.Module) -> nn.Module:
         """The part of the model the PEFT methods adapt (the backbone/encoder)."""
         return model

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.base import DataBundle, ImageSet
+from ..errors import ConfigError
 from .base import Task
 
 DECODER_CHANNELS = 64
@@ -161,9 +162,37 @@ class PromptableSegmentationModel(nn.Module):
                 if f"{name}.".startswith(_PER_CLASS_DECODER) and hasattr(module, "reset_parameters"):
                     module.reset_parameters()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        masks = self.decoder.decode(self.encoder.forward_features(x), None, tuple(x.shape[-2:]))
+    promptable = True  # forward(x, boxes): box prompts (see SegmentationTask.forward)
+
+    def forward(self, x: torch.Tensor, boxes: torch.Tensor | None = None) -> torch.Tensor:
+        masks = self.decoder.decode(self.encoder.forward_features(x), boxes, tuple(x.shape[-2:]))
         return torch.cat([torch.zeros_like(masks), masks], dim=1) if self.binary else masks
+
+
+PROMPTS = ("none", "box")
+BOX_JITTER = 0.05  # training boxes: each side moved by up to 5 % of the image size (MedSAM: 0-20 px at 1024)
+
+
+def mask_boxes(masks: torch.Tensor, jitter: float = 0.0, gen: torch.Generator | None = None) -> torch.Tensor:
+    """The bounding box of each mask's foreground (any class > 0) as x0, y0, x1, y1 in pixels, the
+    last row / column inclusive (SAM's and MedSAM's convention); NaNs for an empty mask. With
+    ``jitter`` each side moves by up to that fraction of the image size (training), clipped to it."""
+    b, h, w = masks.shape
+    fg = masks > 0
+    rows, cols = fg.any(dim=2), fg.any(dim=1)  # [B, H], [B, W]
+    ys = torch.arange(h, device=masks.device, dtype=torch.float32)
+    xs = torch.arange(w, device=masks.device, dtype=torch.float32)
+    inf = torch.tensor(float("inf"), device=masks.device)
+    boxes = torch.stack([torch.where(cols, xs, inf).amin(1), torch.where(rows, ys, inf).amin(1),
+                         torch.where(cols, xs, -inf).amax(1), torch.where(rows, ys, -inf).amax(1)], dim=1)
+    if jitter > 0:
+        shift = (torch.rand(b, 4, generator=gen) * 2 - 1).to(boxes.device) * jitter
+        boxes = boxes + shift * torch.tensor([w, h, w, h], device=boxes.device, dtype=torch.float32)
+        boxes = torch.minimum(boxes.clamp(min=0), torch.tensor([w - 1, h - 1, w - 1, h - 1], device=boxes.device,
+                                                                 dtype=torch.float32))
+    empty = ~fg.flatten(1).any(dim=1)
+    boxes[empty] = float("nan")
+    return boxes
 
 
 CASES_FILE = "test_cases.png"
@@ -210,6 +239,26 @@ class SegmentationTask(Task):
 
     def targets(self, data: ImageSet) -> torch.Tensor:
         return data.masks
+
+    def forward(self, model: nn.Module, x: torch.Tensor, targets: torch.Tensor | None, options: dict,
+                gen: torch.Generator | None = None) -> torch.Tensor:
+        """With ``prompt: box`` the promptable model gets each image's box: the ground-truth mask's
+        bounding box (what a clinician's box gives; MedSAM's protocol), jittered while training
+        (``gen`` given), exact in evaluation; an image with an empty mask gets the default prompt."""
+        if options.get("prompt", "none") == "none":
+            return model(x)
+        boxes = options.get("boxes")
+        if boxes is None:
+            boxes = mask_boxes(targets, BOX_JITTER if gen is not None else 0.0, gen)
+        return model(x, boxes)
+
+    def check_model(self, model: nn.Module, options: dict) -> None:
+        prompt = options.get("prompt", "none")
+        if prompt not in PROMPTS:
+            raise ConfigError(f"prompt {prompt!r} is not one of {', '.join(PROMPTS)}")
+        if prompt != "none" and not getattr(model, "promptable", False):
+            raise ConfigError(f"prompt {prompt!r} needs a promptable segmenter (litemedsam); this model's decoder "
+                              f"takes no prompts: use prompt none")
 
     def build_model(self, backbone, num_classes, image_size, in_chans=3, weights=None, pretrained=True):
         from ..backbones import backbone_info, create_backbone
