@@ -213,6 +213,10 @@ def test_segmentation_sweep_and_report_rank_in_the_metrics_direction(seg_folder,
     rows = [r for r in hd95["summary"] if r["fraction"] == 1.0]
     best = min(rows, key=lambda r: r["mean"])  # HD95: lower is better, so rank 1 is the smallest
     assert best["rank"] == 1
+    # the Dice report shows the other headline metrics too: HD95 (lower is better), IoU, NSD
+    assert "Test hd95 (lower is better)" in text and "Test iou (higher is better)" in text
+    for r in rows:  # each HD95 cell is the mean over the method's seeds (3 decimals), as in the HD95 ranking
+        assert f"| {r['method']} | {r['mean']:.3f} +- {r['std']:.3f} |" in text
 
 
 def test_litemedsam_segments_with_its_own_pretrained_decoder_and_round_trips():

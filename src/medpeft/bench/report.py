@@ -619,6 +619,9 @@ def _blocks(summary, cells, store: Store, plots: dict, metric: str, notes: list[
     info = {(c["data"], c["backbone"], c["fraction"]): c for c in cells}
     pairs = list(dict.fromkeys((r["data"], r["backbone"]) for r in summary))
     trials = store.rows(kind="trial")
+    task = experiment_task(experiment)
+    # the task's other headline metrics (segmentation: HD95, IoU, NSD), each in its own direction
+    secondary = {m: _cell_means(final_runs(store, m)) for m in task.report_metrics if m != metric}
     for data, backbone in pairs:
         rows = [r for r in summary if r["data"] == data and r["backbone"] == backbone]
         fractions = sorted({r["fraction"] for r in rows})
@@ -639,6 +642,13 @@ def _blocks(summary, cells, store: Store, plots: dict, metric: str, notes: list[
         blocks.append(Block("h3", f"Test {metric}: methods x label fractions (rank by test mean in brackets, "
                                   f"descriptive; * Holm p < {ALPHA} vs full)"))
         blocks.append(Block("table", header=header, rows=table))
+        for other, means in secondary.items():
+            better = "lower" if task.direction(other) == "min" else "higher"
+            blocks.append(Block("h3", f"Test {other} ({better} is better): methods x label fractions, mean +- std "
+                                      f"over seeds (descriptive)"))
+            blocks.append(Block("table", header=["method"] + [f"f={f:g}" for f in fractions], rows=[
+                [method] + [_mean_std(means.get((data, backbone, method, f)), 3) for f in fractions]
+                for method in methods]))
         entry = plots.get((data, backbone), {})
         if entry.get("fraction"):
             blocks.append(Block("img", text=f"{metric} vs label fraction", path=entry["fraction"]))
@@ -746,6 +756,25 @@ def to_html(blocks: list[Block]) -> str:
 
 
 # ---------------------------------------------------------------------- entry points
+
+
+def _cell_means(runs) -> dict:
+    """(data, backbone, method, fraction) -> the finite test values of its final runs."""
+    out: dict = {}
+    for r in runs.to_dict("records") if hasattr(runs, "to_dict") else runs:
+        if r["value"] == r["value"]:
+            out.setdefault((r["data"], r["backbone"], r["method"], r["fraction"]), []).append(r["value"])
+    return out
+
+
+def _mean_std(values, digits: int) -> str:
+    if not values:
+        return "-"
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return f"{_num(mean, digits)} +- -"
+    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{_num(mean, digits)} +- {_num(sd, digits)}"
 
 
 def experiment_task(experiment: dict | None):

@@ -24,6 +24,7 @@ class Task:
     # metric name -> "max" (higher is better) or "min"
     metrics: dict[str, str] = {}
     primary_metric: str = ""
+    report_metrics: tuple[str, ...] = ()  # shown in the benchmark report beside the ranked metric
     fallback_metric: str = ""  # monitored when the primary is undefined on a validation set
 
     # ------------------------------------------------------------------ metrics

@@ -230,6 +230,7 @@ class SegmentationTask(Task):
     name = "segmentation"
     primary_metric = "dice"
     fallback_metric = "dice"
+    report_metrics = ("dice", "iou", "hd95", "nsd")
 
     @property
     def metrics(self) -> dict:
