@@ -46,9 +46,13 @@ def test_run_folder_has_config_metrics_history_adapter(tiny_run):
     assert saved["selection"] == {"mode": "holdout", "val_labels": "follow", "n_selection_labels": saved["n_val"]}
     rows = list(csv.DictReader(open(out / "history.csv")))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
-    # config.yaml reproduces the run config
+    # config.yaml reproduces the run config; an absolute data root is not written (privacy, see
+    # medpeft.data.privacy): given back, the config is the run's own
     import yaml
-    assert RunConfig.from_dict(yaml.safe_load((out / "config.yaml").read_text())) == cfg
+    from medpeft.data.privacy import public_run_config
+    written = yaml.safe_load((out / "config.yaml").read_text())
+    assert written == public_run_config(cfg.to_dict())
+    assert RunConfig.from_dict({**written, "data": {**written["data"], "root": cfg.data.root}}) == cfg
 
 
 def test_same_seed_same_numbers(tiny_run, medmnist_root):

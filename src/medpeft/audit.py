@@ -480,6 +480,10 @@ def _read_manifest_rows(path: str, root: str | None) -> tuple[str, list[str], li
         raise DataError(f"cannot read manifest {path}: {exc}; expected a UTF-8 CSV file") from None
     if "path" not in fields:
         raise DataError(f"manifest {path} has no column 'path'; columns found: {', '.join(fields) or 'none'}")
+    if "label" in fields:  # an empty or NaN label is no class (the loaders stop at it too)
+        from medpeft.data.manifest import check_missing_labels
+
+        check_missing_labels(rows, path)
     files, ids, labels, splits, masks = [], [], [], [], []
     for line, row in rows:
         real = _inside(row["path"], base, path, line, "path")

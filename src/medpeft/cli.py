@@ -171,8 +171,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--method", default="lora", help="method name or hybrid like lora+ssf ('medpeft methods' lists them)")
     add_train_options(run)
     run.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for confidence intervals")
-    run.add_argument("--out", default=None, help="run folder (default: a new folder under runs/)")
+    g = run.add_argument_group("applying the model (classification)")
+    g.add_argument("--operating-point", default=None, metavar="TARGET",
+                   help="binary tasks: a decision threshold chosen on validation for sensitivity=X, specificity=X or "
+                        "youden; test sensitivity/specificity/PPV/NPV at it; saved with the adapter, used by predict")
+    g.add_argument("--no-calibration", action="store_true",
+                   help="skip Platt (binary) / temperature (multi-class) scaling fitted on validation (default: "
+                        "fitted, reported before/after and applied by predict)")
+    run.add_argument("--out", default=None, help="run folder (default: a new folder under runs/); must be new or "
+                                                  "empty unless --overwrite (checked before training)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="allow --out to be an existing run folder or non-empty folder: its run files are replaced")
     run.add_argument("--quiet", action="store_true", help="no per-epoch progress bar (the final metrics table is still printed)")
+    from .tracking import add_tracking_options
+
+    add_tracking_options(run)  # --mlflow URI: not part of the run config
     add_method_options(run)
 
     methods = sub.add_parser("methods", help="list every method, the backbones it applies to and its trainable %%")
@@ -191,18 +204,38 @@ def build_parser() -> argparse.ArgumentParser:
                          help="classification: CSV file for the predictions (default: print); segmentation: folder "
                               "for a mask PNG and an overlay per image (required)")
     predict.add_argument("--window", default=None, help="DICOM window CENTER,WIDTH (default: each file's own)")
+    predict.add_argument("--uncalibrated", action="store_true",
+                         help="show the model's raw probabilities instead of the calibrated ones (the decision at an "
+                              "operating point is still made on the probabilities its threshold was chosen on)")
     predict.add_argument("--boxes", default=None, metavar="CSV",
                          help="box prompts for a run trained with --prompt box: CSV path,x0,y0,x1,y1 in each image's "
                               "own pixels (an image without a row gets the default prompt)")
 
-    export = sub.add_parser("export", help="write a merged, plain timm state dict (safetensors) of a trained run")
+    export = sub.add_parser("export", help="write a trained run as ONNX (model.onnx, checked with onnxruntime) or as "
+                                           "a merged, plain timm state dict (merged.safetensors)")
     export.add_argument("run", help="run folder written by 'medpeft run' (or its adapter.safetensors)")
-    export.add_argument("out", help="output .safetensors file")
+    export.add_argument("out", help="output file: .onnx (merged model + preprocessing metadata, parity-checked) or "
+                                    ".safetensors (merged state dict); never replaced without --overwrite")
     export.add_argument("--weights", default=None, help="backbone weights file, if the run used one")
+    from .onnx_export import add_export_options
+
+    add_export_options(export)
+    from .explain import add_explain_parser, cmd_explain
+
+    add_explain_parser(sub)
+    COMMANDS["explain"] = cmd_explain
     from .audit import add_audit_parser, cmd_audit
 
     add_audit_parser(sub)
     COMMANDS["audit"] = cmd_audit
+    from .calibration_cli import add_calibrate_parser, cmd_calibrate
+
+    add_calibrate_parser(sub)
+    COMMANDS["calibrate"] = cmd_calibrate
+    from .card import add_card_parser, cmd_card
+
+    add_card_parser(sub)
+    COMMANDS["card"] = cmd_card
     from .bench.cli import add_benchmark_parsers  # benchmark + report
 
     COMMANDS.update(add_benchmark_parsers(sub))
@@ -252,20 +285,43 @@ def run_config_from_args(args) -> "RunConfig":
     from .methods import parse_method
 
     names = parse_method(args.method)
+    check_method_options(args, names)
     options = {k: v for k, v in vars(args).items()
                if v is not None and any(k.startswith(n + "_") for n in names)}
     return RunConfig(data=data, train=train, backbone=args.backbone, weights=args.weights,
                      pretrained=not args.no_pretrained, method=args.method, method_options=options,
-                     n_boot=args.n_boot)
+                     n_boot=args.n_boot, calibration="off" if args.no_calibration else "auto",
+                     operating_point=args.operating_point)
+
+
+def check_method_options(args, names: list[str]) -> None:
+    """A ``--<method>-<option>`` given for a method that ``--method`` does not use is an error
+    (it would be silently ignored)."""
+    from .methods import get_method, list_methods
+
+    for name in list_methods():
+        if name in names:
+            continue
+        for f in dataclasses.fields(get_method(name).config_cls):
+            if getattr(args, f"{name}_{f.name}", None) is not None:
+                flag = f"--{name}-{f.name}".replace("_", "-")
+                raise ConfigError(f"{flag} is an option of method {name!r}, but --method {args.method} uses "
+                                  f"{', '.join(repr(n) for n in names)}; drop {flag} or choose a method that uses it")
 
 
 def cmd_run(args) -> int:
     from .report_console import print_run_summary, progress_printer
     from .run import execute
+    from .tracking import spec_from_args
 
     cfg = run_config_from_args(args)
+    if args.out is not None:  # before any data is read or any step trained
+        from .run import check_out_dir
+
+        check_out_dir(args.out, overwrite=args.overwrite)
+    tracking = spec_from_args(args)  # None unless --mlflow; checked before training
     with progress_printer(cfg.train.epochs, quiet=args.quiet) as progress:
-        metrics = execute(cfg, out_dir=args.out, progress=progress)
+        metrics = execute(cfg, out_dir=args.out, progress=progress, tracking=tracking)
     print_run_summary(metrics)
     return 0
 
@@ -273,6 +329,8 @@ def cmd_run(args) -> int:
 def cmd_methods(args) -> int:
     from .report_console import methods_table
 
+    if args.num_classes < 1:
+        raise ConfigError(f"--num-classes {args.num_classes}: expected a number of classes >= 1")
     methods_table(args.backbone, args.image_size, args.num_classes, as_json=args.json)
     return 0
 
@@ -297,7 +355,15 @@ def cmd_predict(args) -> int:
     boxes = read_boxes(args.boxes, args.images, loaded.image_size) if prompted else None
     predictions = predict_images(loaded.model, images, loaded.mean, loaded.std, kind, len(loaded.class_names),
                                  boxes=boxes)
-    print(get_task(kind).write_user_predictions(list(args.images), predictions, loaded.class_names, kind, args.out))
+    extra = None
+    if kind in ("binary", "multiclass"):  # the run's calibration map and operating point, if any
+        from .calibration import apply_for_predict, predict_note, predict_settings
+
+        calibration, point, source = predict_settings(args.run, loaded.metadata)
+        predictions, extra = apply_for_predict(predictions, calibration, point, loaded.class_names, args.uncalibrated)
+        print(f"medpeft predict: {predict_note(calibration, point, source, args.uncalibrated)}", file=sys.stderr)
+    print(get_task(kind).write_user_predictions(list(args.images), predictions, loaded.class_names, kind, args.out,
+                                                **({"extra": extra} if extra is not None else {})))
     return 0
 
 
@@ -341,17 +407,9 @@ def read_boxes(path: str, images: list[str], size: int):
 
 
 def cmd_export(args) -> int:
-    from safetensors.torch import save_file
+    from .onnx_export import cmd_export as export  # .onnx or .safetensors; checks the output location first
 
-    from .run import load_run
-
-    loaded = load_run(args.run, weights=args.weights, merge=True)
-    state = {k: v.contiguous() for k, v in loaded.model.state_dict().items()}
-    # the adapter's metadata travels along: classes and preprocessing (backbone, image size, mean/std)
-    save_file(state, args.out, metadata=loaded.metadata)
-    print(f"wrote merged {loaded.metadata['backbone']} ({len(state)} tensors; input {loaded.image_size} px, "
-          f"mean {tuple(round(m, 4) for m in loaded.mean)}, std {tuple(round(s, 4) for s in loaded.std)}) to {args.out}")
-    return 0
+    return export(args)
 
 
 COMMANDS = {"run": cmd_run, "methods": cmd_methods, "predict": cmd_predict, "export": cmd_export}

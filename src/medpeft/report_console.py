@@ -62,6 +62,10 @@ def print_run_summary(metrics: dict) -> None:
         f"peak RSS {metrics['peak_rss_mb']:.0f} MB" + (f" · GPU {metrics['peak_gpu_mb']:.0f} MB" if 'peak_gpu_mb' in metrics else ""),
         highlight=False,
     )
+    from .calibration import summary_lines
+
+    for line in summary_lines(metrics):  # calibration and operating point of a classification run
+        console.print(line, highlight=False)
     if "out_dir" in metrics:
         console.print(f"run folder: {metrics['out_dir']}", highlight=False)
 

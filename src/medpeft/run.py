@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import os
 import resource
 import time
 import warnings
@@ -48,16 +49,33 @@ class RunConfig:
     method: str = "lora"  # a method name or a hybrid "lora+ssf"
     method_options: dict = field(default_factory=dict)  # {"lora_rank": 8, ...}
     n_boot: int = 1000  # bootstrap resamples for the CIs
+    # classification: auto (Platt / temperature scaling fitted on validation, see calibration.py) | off
+    calibration: str = "auto"
+    operating_point: str | None = None  # binary: "sensitivity=0.95" | "specificity=0.9" | "youden"
 
     def __post_init__(self):
         if self.data.image_size is None:  # the default size, fitted to the backbone's patch grid
             self.data.image_size = default_image_size(self.backbone)
+        from .calibration import parse_operating_point
+
+        if self.calibration not in ("auto", "off"):
+            raise ConfigError(f"calibration {self.calibration!r} is not one of auto, off")
+        parse_operating_point(self.operating_point)  # ConfigError for a malformed target
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        # applied after training: left out at their defaults, so the results-store keys of sweeps
+        # started before these options existed stay valid (a resumed sweep reruns nothing)
+        for name, default in (("calibration", "auto"), ("operating_point", None)):
+            if out.get(name) == default:
+                out.pop(name)
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> "RunConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"a run config must be a mapping of keys (data:, train:, backbone:, method:, ...), "
+                              f"got a {type(data).__name__}")
         data = dict(data)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
@@ -70,6 +88,8 @@ class RunConfig:
 
 
 def _dataclass_from(cls, values: dict, where: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"'{where}' must be a mapping of keys, got {values!r}")
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
@@ -140,6 +160,31 @@ def default_out_dir(cfg: RunConfig) -> Path:
     return Path("runs") / f"{stamp}-{Path(cfg.data.name).name}-{cfg.backbone}-{cfg.method}-s{cfg.train.seed}"
 
 
+def check_out_dir(out: str | Path, overwrite: bool = False) -> None:
+    """Before any training: ``out`` must be a folder medpeft can create or write, and - unless
+    ``overwrite`` - new or empty, so a finished run (or anything else) is never overwritten."""
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; the run folder must be a folder (new or empty)")
+    if out.is_dir():
+        found = sorted(p.name for p in out.iterdir())
+        if found and not overwrite:
+            what = "a run folder" if (out / ADAPTER_FILE).exists() or (out / "metrics.json").exists() else \
+                "a folder that is not empty"
+            raise ConfigError(f"--out {out} is {what} ({len(found)} entries, e.g. {', '.join(found[:3])}); "
+                              "choose a new folder, or give --overwrite to replace its run files")
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise ConfigError(f"--out {out}: the folder is not writable")
+        return
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"--out {out}: {parent} is a file, so the run folder cannot be created under it")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: cannot create it, {parent} is not writable")
+
+
 def peak_memory_mb(device: torch.device) -> dict:
     out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if device.type == "cuda":
@@ -148,13 +193,22 @@ def peak_memory_mb(device: torch.device) -> dict:
 
 
 def execute(cfg: RunConfig, out_dir: str | Path | None = None, bundle: DataBundle | None = None,
-            progress=None, save: bool = True, evaluate_test: bool = True) -> dict:
+            progress=None, save: bool = True, evaluate_test: bool = True, tracking: dict | None = None) -> dict:
     """Run one configuration; returns the metrics dict (also written to ``out_dir``).
 
     ``evaluate_test=False`` (HPO trials, model selection) never reads the test split:
-    ``metrics["test"]`` and ``metrics["n_test"]`` are None.
+    ``metrics["test"]`` and ``metrics["n_test"]`` are None. ``tracking`` (``tracking.spec``, from
+    ``--mlflow``): log the run to MLflow; it is not part of ``cfg``.
     """
+    if tracking:
+        from .tracking import tracked_execute
+
+        return tracked_execute(execute, tracking, cfg, out_dir=out_dir, bundle=bundle, progress=progress, save=save,
+                               evaluate_test=evaluate_test)
     started = time.perf_counter()
+    from .data.privacy import check_weights_recorded, public_text
+
+    check_weights_recorded(cfg.weights)  # a config.yaml run again: its weights path is not recorded
     info = backbone_info(cfg.backbone)
     check_image_size(info, cfg.data.image_size)  # fail before loading any data
     coarse = resolution_warning(info, cfg.data.image_size)
@@ -167,6 +221,12 @@ def execute(cfg: RunConfig, out_dir: str | Path | None = None, bundle: DataBundl
         bundle = load_data(cfg.data)
         audit = audit_before_training(bundle, cfg.data)
     plugin = get_task(bundle.task)
+    from .data.splits import check_splits
+
+    check_splits(bundle, need_val=cv_folds(cfg.train.select) is None, need_test=evaluate_test)  # empty / one-class
+    from .calibration import check_operating_point
+
+    check_operating_point(cfg.operating_point, bundle.task, bundle.num_classes)  # before any training
     options = task_options(bundle, cfg.train)
     positive = _positive_index(bundle)
     lr = cfg.train.lr if cfg.train.lr is not None else get_method(parse_method(cfg.method)[0]).default_lr
@@ -191,7 +251,7 @@ def execute(cfg: RunConfig, out_dir: str | Path | None = None, bundle: DataBundl
         "class_names": bundle.class_names,
         "positive_class": None if positive is None else bundle.class_names[positive],
         "backbone": cfg.backbone,
-        "weights_source": info.weights_source,
+        "weights_source": public_text(info.weights_source),  # file:<name>#<hash>, no absolute path
         "method": "+".join(names),
         "method_config": config_to_dict(configs),
         "seed": cfg.train.seed,  # head init, data order, augmentation, dropout
@@ -225,12 +285,21 @@ def execute(cfg: RunConfig, out_dir: str | Path | None = None, bundle: DataBundl
                                        cfg.train.seed) if evaluate_test else None,
         **peak_memory_mb(device),
     }
+    if evaluate_test:  # classification: "calibration" (fitted on validation) and "operating_point" entries
+        from .calibration import add_to_metrics
+
+        add_to_metrics(metrics, cfg, positive, selection_targets, result.val_probs,
+                       plugin.targets(bundle.test).numpy(), result.test_probs)
     metrics["total_seconds"] = time.perf_counter() - started
     if save:
         out = Path(out_dir) if out_dir else default_out_dir(cfg)
         metrics["adapter_bytes"] = write_run(out, cfg, metrics, result.history, model, bundle, info)
         if evaluate_test:
             metrics["predictions"] = plugin.write_predictions(out, bundle, result.test_probs)
+            from .calibration import write_run_files
+
+            metrics["predictions"] += write_run_files(out, metrics, (bundle.train if folds else bundle.val).ids,
+                                                      selection_targets, result.val_probs)
         metrics["out_dir"] = str(out)
     return metrics
 
@@ -310,15 +379,25 @@ def write_run(out: Path, cfg: RunConfig, metrics: dict, history: list[dict], mod
     """Write the run folder; returns the adapter file size in bytes."""
     from safetensors.torch import save_file
 
+    from .data.privacy import public_run_config
+
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    # data paths relative to the data root, no absolute path (MEDPEFT_RECORD_PATHS=1: full paths)
+    (out / "config.yaml").write_text(yaml.safe_dump(public_run_config(cfg.to_dict()), sort_keys=False))
     meta = {
         "backbone": cfg.backbone, "method": metrics["method"], "method_options": json.dumps(cfg.method_options),
         "num_classes": str(bundle.num_classes), "class_names": json.dumps(bundle.class_names),
         "task": bundle.task, "image_size": str(cfg.data.image_size), "mean": json.dumps(list(info.mean)),
         "std": json.dumps(list(info.std)), "medpeft_version": __version__,
         "prompt": cfg.train.prompt,  # a box-prompted model needs boxes at prediction time too
+        # the backbone weights trained on: load_run rebuilds the same backbone or refuses
+        "pretrained": "true" if cfg.pretrained else "false",
     }
+    if cfg.weights is not None:
+        meta.update(weights_file=Path(cfg.weights).name, weights_sha256=info.weights_sha256 or "")
+    from .calibration import adapter_metadata
+
+    meta.update(adapter_metadata(metrics))  # calibration map and operating point: applied by predict
     state = {k: v.detach().to("cpu").contiguous() for k, v in trained_state_dict(model).items()}
     adapter = out / ADAPTER_FILE
     save_file(state, str(adapter), metadata=meta)
@@ -369,9 +448,11 @@ def load_run(path: str | Path, weights: str | None = None, merge: bool = False) 
     missing = [k for k in required if k not in meta]
     if missing:
         raise ConfigError(f"{adapter} lacks medpeft metadata {missing}; it was not written by medpeft")
+    weights = _trained_weights(adapter, meta, weights)
     model, info, names, configs = build_model(
         meta["backbone"], int(meta["num_classes"]), int(meta["image_size"]), meta["method"],
-        json.loads(meta.get("method_options", "{}")), weights=weights, pretrained=True, task=meta["task"],
+        json.loads(meta.get("method_options", "{}")), weights=weights, pretrained=meta.get("pretrained") != "false",
+        task=meta["task"],
     )
     load_trained_state(model, state, source=str(adapter))
     if merge:
@@ -379,3 +460,35 @@ def load_run(path: str | Path, weights: str | None = None, merge: bool = False) 
     model.eval()
     return LoadedRun(model, json.loads(meta.get("class_names", "[]")), meta["task"], int(meta["image_size"]),
                      tuple(json.loads(meta["mean"])), tuple(json.loads(meta["std"])), meta["method"], meta)
+
+
+def _trained_weights(adapter: Path, meta: dict, weights: str | None) -> str | None:
+    """The backbone weights file to rebuild a run with: the file it was trained on (its name and
+    SHA-256 are in the adapter's metadata; a file with another checksum is refused), or None for a
+    run trained on the backbone's default weights (then ``weights`` is refused). Adapters written
+    before the weights were recorded take ``weights`` as given."""
+    from .data.privacy import is_redacted
+
+    if weights is not None and is_redacted(str(weights)):
+        weights = None  # a config.yaml that did not record the path: the file is asked for below
+    needed, sha = meta.get("weights_file"), meta.get("weights_sha256") or ""
+    if needed:
+        if weights is None:
+            raise ConfigError(f"{adapter} was trained on the backbone weights file {needed} (sha256 {sha[:16]}...); "
+                              f"give that file with --weights {needed} (the default {meta['backbone']} weights "
+                              "would give other predictions)")
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"weights file {weights} not found; {adapter} needs {needed} (sha256 {sha[:16]}...)")
+        from .backbones.offline import sha256_file
+
+        found = sha256_file(path)
+        if sha and found != sha:
+            raise ConfigError(f"weights file {weights} has sha256 {found[:16]}..., not that of {needed} "
+                              f"({sha[:16]}...), the file {adapter} was trained on; give that file")
+        return str(path)
+    if weights is not None and "pretrained" in meta:  # recorded: trained without a weights file
+        kind = "pretrained" if meta["pretrained"] != "false" else "random (--no-pretrained)"
+        raise ConfigError(f"{adapter} was trained on the default {kind} weights of {meta['backbone']}, not on a "
+                          f"weights file; drop --weights {weights} (other weights would give other predictions)")
+    return weights

@@ -8,8 +8,10 @@ import logging
 import math
 import os
 import random
+import re
 import time
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 
 import numpy as np
 import torch
@@ -105,15 +107,52 @@ class TrainConfig:
             raise ConfigError(f"cache_features {self.cache_features!r} is not one of auto, on, off")
         if self.channels_last not in ("auto", "on", "off"):
             raise ConfigError(f"channels_last {self.channels_last!r} is not one of auto, on, off")
-        for name in ("epochs", "batch_size", "eval_batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.head_lr is not None and (isinstance(self.head_lr, bool) or not isinstance(self.head_lr, (int, float))
-                                         or not 0 < self.head_lr < 10):
-            raise ConfigError(f"head_lr must be a positive learning rate (e.g. 1e-3) or unset, got {self.head_lr!r}")
-        if self.steps is not None and (isinstance(self.steps, bool) or int(self.steps) < 1):
-            raise ConfigError(f"steps must be a whole number >= 1 (optimizer steps), got {self.steps!r}")
+        for name, low, what in (("epochs", 1, "training epochs"), ("batch_size", 1, "images"),
+                                ("eval_batch_size", 1, "images"),
+                                ("patience", 1, "epochs without improvement"), ("min_steps", 0, "optimizer steps"),
+                                ("steps", 1, "optimizer steps"), ("threads", 1, "CPU threads"),
+                                ("seed", None, "the seed")):
+            value = getattr(self, name)
+            if value is None and name in ("steps", "threads"):
+                continue
+            if not _whole(value) or (low is not None and value < low):
+                bound = f" >= {low}" if low is not None else ""
+                raise ConfigError(f"{name} must be a whole number{bound} ({what}), got {value!r}")
+        for name, low, high, optional in (("lr", 0, 10, True), ("head_lr", 0, 10, True)):
+            value = getattr(self, name)
+            if (value is None and optional) or (_real(value) and low < value < high):
+                continue
+            raise ConfigError(f"{name} must be a positive learning rate below {high} (e.g. 1e-3)"
+                              + " or unset" * optional + f", got {value!r}")
+        for name, optional in (("weight_decay", False), ("warmup_epochs", False), ("grad_clip", True)):
+            value = getattr(self, name)
+            if not ((value is None and optional) or (_real(value) and value >= 0)):
+                raise ConfigError(f"{name} must be a number >= 0{' or unset' * optional}, got {value!r}")
+        if self.max_minutes is not None and not (_real(self.max_minutes) and self.max_minutes > 0):
+            raise ConfigError(f"max_minutes must be a number of minutes > 0 or unset, got {self.max_minutes!r}")
+        for name in ("class_weighted", "amp", "compile", "fused_adamw"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        check_device(self.device)
         cv_folds(self.select)  # ConfigError for a bad selection mode
+
+
+def _whole(value) -> bool:
+    """A whole number (not a bool, not a string, no fractional part)."""
+    if isinstance(value, bool) or not isinstance(value, (Integral, Real)):
+        return False
+    return isinstance(value, Integral) or (math.isfinite(value) and float(value).is_integer())
+
+
+def _real(value) -> bool:
+    """A finite number (not a bool, not a string)."""
+    return not isinstance(value, bool) and isinstance(value, Real) and math.isfinite(value)
+
+
+def check_device(name) -> None:
+    """auto, cpu, mps, cuda or cuda:N; ConfigError naming anything else (checked before any work)."""
+    if not isinstance(name, str) or not re.fullmatch(r"auto|(cpu|mps|cuda)(:\d+)?", name.strip()):
+        raise ConfigError(f"device {name!r} is not one of auto, cpu, cuda, cuda:N (a GPU index), mps")
 
 
 def cv_folds(select: str) -> int | None:
@@ -159,7 +198,12 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} requested but no CUDA GPU is available; use --device cpu")
-    return torch.device(name)
+    check_device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                          f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return device
 
 
 def plan_epochs(n_train: int, cfg: TrainConfig) -> tuple[int, int]:

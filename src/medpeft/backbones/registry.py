@@ -230,9 +230,17 @@ def resolution_warning(info: BackboneInfo, image_size: int) -> str | None:
             f"(the default image size for {info.name} is {_default_size(info)} px)")
 
 
+# the largest input size accepted: every image is held in memory at this size (2048 px RGB: 12 MB
+# each), and no backbone here was trained above 1024 px; larger sizes only exhaust memory
+MAX_IMAGE_SIZE = 2048
+
+
 def check_image_size(info: BackboneInfo, image_size: int) -> None:
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0:
         raise ConfigError(f"image size {image_size!r} for {info.name}: expected a positive integer")
+    if image_size > MAX_IMAGE_SIZE:
+        raise ConfigError(f"image size {image_size} is too large: expected at most {MAX_IMAGE_SIZE} px (every image "
+                          f"is kept in memory at that size; {info.name}'s native size is {info.native_size} px)")
     if image_size < info.min_size:
         raise ConfigError(f"image size {image_size} is too small for {info.name}: expected >= {info.min_size}")
     if info.patch_size and image_size % info.patch_size:

@@ -151,8 +151,13 @@ def add_benchmark_parsers(sub) -> dict:
     g.add_argument("--max-jobs", type=int, default=None, help="stop after training this many jobs "
                                                               "(run a long sweep in chunks with --resume)")
     g.add_argument("--no-report", action="store_true", help="do not write the report at the end")
-    g.add_argument("--dry-run", action="store_true", help="print the grid and the number of jobs, run nothing")
+    g.add_argument("--dry-run", action="store_true",
+                   help="check the settings and the data (files, folders, manifest rows; no image decoded), print "
+                        "the grid and the number of jobs, run nothing")
     g.add_argument("--quiet", action="store_true", help="no progress display and no leaderboard")
+    from ..tracking import add_tracking_options
+
+    add_tracking_options(p)  # --mlflow URI: every trial and final run logged (not part of the sweep's keys)
 
     r = sub.add_parser("report", help="rebuild a sweep's report (tables, plots, Markdown, HTML) from its store")
     r.add_argument("dir", help="the sweep's --out folder (with results.db)")
@@ -213,8 +218,15 @@ def cmd_benchmark(args) -> int:
     from .report import print_leaderboard
     from .sweep import RunOptions, run_sweep
 
+    for flag, value, low in (("--threads", args.threads, 1), ("--max-jobs", args.max_jobs, 1),
+                             ("--ray-num-cpus", args.ray_num_cpus, 1)):
+        if value is not None and value < low:
+            raise ConfigError(f"{flag} {value}: expected a whole number >= {low}")
+    if not args.ray_cpus_per_trial > 0 or args.ray_gpus_per_trial < 0:
+        raise ConfigError(f"--ray-cpus-per-trial {args.ray_cpus_per_trial} must be > 0 and --ray-gpus-per-trial "
+                          f"{args.ray_gpus_per_trial} >= 0")
     exp, run = experiment_from_args(args)
-    exp.validate()
+    exp.validate()  # also checks the data (the MedMNIST file, class folders, manifest rows and files)
     console = Console()
     if not console.is_terminal:
         console = Console(width=max(console.width, 130))  # log lines and the leaderboard unwrapped
@@ -234,7 +246,7 @@ def cmd_benchmark(args) -> int:
                       executor=run.get("executor") or "local", address=run.get("address"), threads=args.threads,
                       cpus_per_trial=args.ray_cpus_per_trial, gpus_per_trial=args.ray_gpus_per_trial,
                       ray_num_cpus=args.ray_num_cpus, quiet=args.quiet, report=not args.no_report,
-                      max_jobs=args.max_jobs)
+                      max_jobs=args.max_jobs, mlflow=args.mlflow, mlflow_experiment=args.mlflow_experiment)
     progress = SweepProgress(console, quiet=args.quiet)
     try:
         summary = run_sweep(exp, opts, progress=progress)
@@ -244,13 +256,26 @@ def cmd_benchmark(args) -> int:
         return 130
     if summary.get("report") and not args.quiet:
         print_leaderboard(summary["report"], console)
-    failed = summary["store"].get("failed", 0)
+    failed, failed_now, done = summary["store"].get("failed", 0), summary.get("failed", 0), summary["store"]["done"]
     if failed:
-        console.print(f"{failed} job(s) failed; their errors are in {opts.out}/report/runs.csv "
+        where = f"{opts.out}/report/runs.csv" if summary.get("report") else f"{opts.out}/results.db"
+        console.print(f"{failed_now} of the {summary['ran']} job(s) run this time failed, {failed} failed in the "
+                      f"store ({done} done); first error: {_first_error(opts.out)}; every error is in {where} "
                       "(re-run them with --resume --retry-failed)", highlight=False)
     if not summary["complete"]:
         console.print(f"sweep not complete ({summary['ran']} jobs this time); continue with --resume", highlight=False)
-    return 0
+    return 1 if failed_now or (failed and not done) else 0  # a failed job is no silent success
+
+
+def _first_error(out) -> str:
+    from .store import Store
+
+    try:
+        with Store.open_readonly(out) as store:
+            rows = store.rows(status="failed")
+    except ConfigError:
+        return "unknown"
+    return (rows[0].get("error") or "unknown").splitlines()[0] if rows else "unknown"
 
 
 def cmd_report(args) -> int:

@@ -50,6 +50,34 @@ class Cell:
     def id(self) -> str:
         return f"{self.data}|{self.backbone}|{self.method}|{self.fraction:g}"
 
+    @property
+    def public_id(self) -> str:
+        """The id as the store and the report record it: an absolute data path is not written
+        (``medpeft.data.privacy``), only its last part and a hash."""
+        return public_cell_id(self.id, self.data)
+
+
+def public_cell_id(cell_id: str, data: str) -> str:
+    from ..data.privacy import public_path
+
+    return str(public_path(data)) + cell_id[len(data):] if cell_id.startswith(f"{data}|") else cell_id
+
+
+def public_experiment(values: dict) -> dict:
+    """``Experiment.to_dict()`` as the store records it: absolute data paths (data sets, data root,
+    split file) replaced as ``medpeft.data.privacy`` says; anything else unchanged."""
+    from ..data.privacy import public_path
+
+    if not isinstance(values, dict):
+        return values
+    out = dict(values)
+    if isinstance(out.get("data"), list):
+        out["data"] = [public_path(d) for d in out["data"]]
+    out["data_root"] = public_path(out.get("data_root"))
+    if isinstance(out.get("data_options"), dict) and out["data_options"].get("split_file"):
+        out["data_options"] = {**out["data_options"], "split_file": public_path(out["data_options"]["split_file"])}
+    return out
+
 
 @dataclass
 class Experiment:
@@ -249,7 +277,7 @@ class Experiment:
             build_configs([owner], {k: v for k, v in self.method_options.items() if k.startswith(owner + "_")})
 
     def _check_data(self, where: str) -> None:
-        from ..data import DataConfig, resolve_source
+        from ..data import DataConfig
 
         if not isinstance(self.data_options, dict):
             raise ConfigError(f"{where}: data_options must be a mapping like {{val_ratio: 0.1}}, got {self.data_options!r}")
@@ -258,14 +286,16 @@ class Experiment:
         if unknown:
             raise ConfigError(f"{where}: unknown key(s) {unknown} in 'data_options'; expected some of {sorted(known)} "
                               f"(the sweep sets {', '.join(DATA_RESERVED)} itself)")
-        from ..data.registry import check_data_config
+        from ..data.registry import check_source
+        from ..errors import DataError
 
         for name in self.data:
             try:
                 cfg = DataConfig(name=name, root=self.data_root, task=self.task, **self.data_options)
-                check_data_config(cfg)  # option values (ratios, names) fail here, before any job starts
-                resolve_source(cfg)
-            except ConfigError as err:
+                # option values (ratios, names) and the data itself - the MedMNIST file, the class folders,
+                # the manifest's rows and files - fail here (and in --dry-run), before any job starts
+                check_source(cfg)
+            except (ConfigError, DataError) as err:
                 raise ConfigError(f"{where}: data: {err}") from None
             except TypeError as err:
                 raise ConfigError(f"{where}: data_options: {err}") from None

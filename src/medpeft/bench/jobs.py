@@ -125,15 +125,20 @@ class MemorySampler:
                 "peak_rss_delta_mb": max(self.peak_bytes - self.start_bytes, 0) / 2**20}
 
 
-def run_job(job: dict, cache: BundleCache | None = None) -> dict:
+def run_job(job: dict, cache: BundleCache | None = None, on_epoch=None) -> dict:
     """Train one job. Never raises for a failing run: the error is returned (the sweep goes on).
 
     job: {"key", "kind": "trial"|"final", "config": RunConfig dict, "threads": int|None,
           "configs": [RunConfig dict, ...] (trials: one per label subset; the objective is the mean
           of their best validation scores), "prune": bool (trials: successive-halving pruning),
           "hpo": {"history": [...], "params": {...}, "settings": {...}} (trials),
-          "run_dir": str (finals), "keep_adapter": bool}
+          "run_dir": str (finals), "keep_adapter": bool, "tracking": MLflow settings (--mlflow; optional)}
+    ``on_epoch(progress) -> progress`` wraps the (first) run's per-epoch callback.
     """
+    if job.get("tracking"):  # --mlflow: the job is one MLflow run, logged by the process that trains it
+        from ..tracking import tracked_job
+
+        return tracked_job(job, lambda wrap: run_job({**job, "tracking": None}, cache, on_epoch=wrap))
     import optuna
     import torch
 
@@ -161,9 +166,9 @@ def run_job(job: dict, cache: BundleCache | None = None) -> dict:
             runs = []
             try:
                 for i, each in enumerate(configs):  # the first subset may be pruned; the others then never run
+                    progress = (on_epoch(reporter) if on_epoch else reporter) if i == 0 else None
                     runs.append(execute(each, out_dir=job.get("run_dir"), bundle=cache.get(each.data),
-                                        progress=reporter if i == 0 else None, save=not trial,
-                                        evaluate_test=not trial))
+                                        progress=progress, save=not trial, evaluate_test=not trial))
             except optuna.TrialPruned as pruned:
                 out.update(outcome="pruned", error=str(pruned))
                 runs = []

@@ -73,8 +73,14 @@ def _size(nbytes) -> str:
 
 
 def label(name: str) -> str:
-    """A data set as shown: a MedMNIST name as is, a folder or manifest by its file name."""
-    return Path(str(name)).name or str(name)
+    """A data set as shown: a MedMNIST name as is, a folder or manifest by its file name (a path
+    the store did not record, ``<redacted>/toy#3f9a1c2e``: its name, ``toy``)."""
+    from ..data.privacy import REDACTED, is_redacted
+
+    text = str(name)
+    if is_redacted(text):
+        text = text[len(REDACTED):].rsplit("#", 1)[0]
+    return Path(text).name or text
 
 
 def _safe(text: str) -> str:
@@ -132,8 +138,17 @@ def final_runs(store: Store, metric: str):
             "params": row.get("params") or {}, "best_epoch": metrics.get("best_epoch"),
             "best_is_last": metrics.get("best_is_last"), "curve": metrics.get("curve"),
             "out_dir": metrics.get("out_dir"),
+            # test ECE (after / before calibration) and Brier after; NaN for runs without calibration
+            **{k: float("nan") if v is None else float(v) for k, v in _calibration(metrics).items()},
         })
     return pd.DataFrame.from_records(records)
+
+
+def _calibration(metrics: dict) -> dict:
+    from ..calibration import calibration_columns
+
+    cols = calibration_columns(metrics)
+    return {"ece": cols["test_ece_cal"], "ece_raw": cols["test_ece_raw"], "brier": cols["test_brier_cal"]}
 
 
 def _known(values) -> list:
@@ -185,6 +200,7 @@ def summarize(runs, margin: float = DEFAULT_MARGIN, alpha: float = ALPHA, lower_
                "trainable_pct": group["trainable_pct"].mean(), "trainable": group["trainable"].mean(),
                "train_seconds": group["train_seconds"].mean(), "peak_mb": group["peak_mb"].mean(),
                "peak_kind": group["peak_kind"].iloc[0], "adapter_bytes": group["adapter_bytes"].mean(),
+               "ece": group["ece"].mean(), "ece_raw": group["ece_raw"].mean(), "brier": group["brier"].mean(),
                "n_train": _one(group["n_train"]), "n_val": _one(group["n_val"]),
                "n_selection": _one(group["n_selection"]), "val_labels": _one(group["val_labels"]),
                "selection_mode": _one(group["selection_mode"]),
@@ -616,6 +632,13 @@ def _blocks(summary, cells, store: Store, plots: dict, metric: str, notes: list[
     if conclusion:
         blocks.append(Block("h2", "Does PEFT beat full fine-tuning?"))
         blocks.append(Block("list", rows=conclusion))
+    from ..calibration import CALIBRATION_TABLE_HEADER, calibration_summary_lines
+
+    sentence, calibration_rows = calibration_summary_lines(summary, BASELINE)
+    if sentence:  # is a PEFT method better calibrated than full fine-tuning? (per cell, mean over seeds)
+        blocks.append(Block("h2", "Calibration: PEFT vs full fine-tuning"))
+        blocks.append(Block("p", sentence))
+        blocks.append(Block("table", header=CALIBRATION_TABLE_HEADER, rows=calibration_rows))
     info = {(c["data"], c["backbone"], c["fraction"]): c for c in cells}
     pairs = list(dict.fromkeys((r["data"], r["backbone"]) for r in summary))
     trials = store.rows(kind="trial")
@@ -798,6 +821,13 @@ def _margin(margin, experiment: dict | None) -> float:
     return float(margin)
 
 
+def check_metric(metric: str, task) -> None:
+    """ConfigError unless ``metric`` is a metric of the sweep's task (one the report can rank by)."""
+    if metric not in task.metrics:
+        raise ConfigError(f"--metric {metric!r} is not a {task.name} metric of this sweep; expected one of "
+                          f"{', '.join(task.metrics)}")
+
+
 def _csv_value(value):
     return " ".join(str(v) for v in value) if isinstance(value, list) else value
 
@@ -817,6 +847,7 @@ def build_report(out_dir: str | Path, metric: str | None = None, formats=("csv",
         metric = metric or default_metric(store)
         margin = _margin(margin, experiment)
         task = experiment_task(experiment)
+        check_metric(metric, task)  # before anything is written: a typo never empties report.md
         monitor = task.resolve_monitor((experiment.get("train") or {}).get("monitor", "auto"))
         report_dir = out_dir / "report"
         report_dir.mkdir(parents=True, exist_ok=True)

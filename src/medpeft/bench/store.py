@@ -89,8 +89,32 @@ class StoreLocked(ConfigError):
     pass
 
 
+STORE_TABLES = {"runs": {"key", "kind", "cell", "status", "config", "result"}, "meta": {"key", "value"}}
+
+
+def _check_is_store(conn: sqlite3.Connection, path: Path, existing_only: bool = False) -> None:
+    """ConfigError unless the database is a medpeft results store, or (``existing_only`` False)
+    holds no table at all; reads the schema only, so a refused file is left exactly as it was."""
+    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if not tables and not existing_only:
+        return  # new or empty: the schema is created
+    missing = sorted(set(STORE_TABLES) - tables)
+    if not missing:
+        for table, needed in STORE_TABLES.items():
+            columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+            missing += [f"{table}.{c}" for c in sorted(needed - columns)]
+    if missing:
+        found = ", ".join(sorted(tables)) or "none"
+        raise ConfigError(f"{path} is not a medpeft results store (tables: {found}; missing: {', '.join(missing)}); "
+                          "it was left unchanged. Give the --out folder of a 'medpeft benchmark' sweep, or another "
+                          "--out for a new sweep")
+
+
 class Store:
-    def __init__(self, path: str | Path, lock: bool = True):
+    def __init__(self, path: str | Path, lock: bool = True, existing_only: bool = False):
+        """``existing_only``: the file must already be a medpeft store (reports); otherwise an empty
+        or new file becomes one. Any other SQLite file is refused, unchanged."""
+        self.conn = None
         self.path = Path(path)
         if self.path.is_dir() or self.path.suffix != ".db":
             self.path = self.path / DB_NAME
@@ -104,11 +128,22 @@ class Store:
                 self._lock_fh.close()
                 raise StoreLocked(f"{self.path} is in use by another running sweep; wait for it to finish "
                                   "or use another --out") from None
-        self.conn = sqlite3.connect(str(self.path), timeout=30, isolation_level=None)
-        self.conn.row_factory = sqlite3.Row
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute("PRAGMA synchronous=FULL")
-        self.conn.executescript(SCHEMA)
+        try:
+            self.conn = sqlite3.connect(str(self.path), timeout=30, isolation_level=None)
+            self.conn.row_factory = sqlite3.Row
+            # read before anything is written: never turn another program's database into a store
+            _check_is_store(self.conn, self.path, existing_only=existing_only)
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=FULL")
+            self.conn.executescript(SCHEMA)
+        except sqlite3.DatabaseError as err:
+            self.close()
+            raise ConfigError(f"{self.path} is not a readable SQLite results store ({err}): the file is corrupt or "
+                              "not a medpeft store; restore it from a backup or start the sweep in a new --out") \
+                from None
+        except BaseException:
+            self.close()
+            raise
 
     @classmethod
     def open_readonly(cls, path: str | Path) -> "Store":
@@ -116,10 +151,11 @@ class Store:
         db = path if path.suffix == ".db" else path / DB_NAME
         if not db.is_file():
             raise ConfigError(f"no results store at {db}; expected the --out folder of a 'medpeft benchmark' sweep")
-        return cls(db, lock=False)
+        return cls(db, lock=False, existing_only=True)
 
     def close(self) -> None:
-        self.conn.close()
+        if self.conn is not None:
+            self.conn.close()
         if self._lock_fh is not None:
             self._lock_fh.close()
             self._lock_fh = None
@@ -171,8 +207,13 @@ class Store:
         return [_row(r) for r in self.conn.execute(sql + " ORDER BY rowid", args)]
 
     def mark_running(self, job: dict) -> None:
-        """Insert or reset the job's row to ``running`` (a stale running/failed row is taken over)."""
-        cell = job["cell"]
+        """Insert or reset the job's row to ``running`` (a stale running/failed row is taken over).
+        Data paths are written as ``medpeft.data.privacy`` says (the key hashes the real config)."""
+        from ..data.privacy import public_path, public_run_config
+        from .grid import public_cell_id
+
+        cell = dict(job["cell"])
+        cell["id"], cell["data"] = public_cell_id(cell["id"], cell["data"]), public_path(cell["data"])
         with self.transaction() as conn:
             row = conn.execute("SELECT status FROM runs WHERE key = ?", (job["key"],)).fetchone()
             if row and row["status"] == "done":
@@ -186,7 +227,7 @@ class Store:
                        started_at = excluded.started_at, finished_at = NULL, seconds = NULL""",
                 (job["key"], job["kind"], cell["id"], cell["data"], cell["backbone"], cell["method"],
                  cell["fraction"], job["seed"], job.get("trial"), dumps(job.get("params", {})),
-                 dumps(job["config"]), f"{socket.gethostname()}:{os.getpid()}", time.time()))
+                 dumps(public_run_config(job["config"])), f"{socket.gethostname()}:{os.getpid()}", time.time()))
 
     def record(self, result: dict) -> None:
         """Write a job's outcome (done or failed) in one transaction."""
@@ -245,6 +286,9 @@ def runs_frame(store: Store):
                    peak_rss_delta_mb=metrics.get("peak_rss_delta_mb"), peak_gpu_mb=metrics.get("peak_gpu_mb"),
                    adapter_bytes=metrics.get("adapter_bytes"), n_train=metrics.get("n_train"),
                    error=(row.get("error") or "").splitlines()[0] if row.get("error") else None)
+        from ..calibration import calibration_columns
+
+        rec.update(calibration_columns(metrics))  # test ECE / Brier before and after calibration
         records.append(rec)
     return pd.DataFrame.from_records(records)
 

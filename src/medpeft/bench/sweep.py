@@ -21,7 +21,7 @@ from ..data.base import DataConfig
 from ..errors import ConfigError
 from ..run import RunConfig
 from ..train import TrainConfig
-from .grid import Cell, Experiment
+from .grid import Cell, Experiment, public_experiment
 from .hpo import HpoSettings, TrialRecord, choose, sample_params, space_to_json, visible_history
 from .space import default_params, search_space, split_params
 from .store import Store, config_key
@@ -45,6 +45,8 @@ class RunOptions:
     quiet: bool = False
     report: bool = True
     max_jobs: int | None = None  # stop after this many jobs ran (resumable chunks)
+    mlflow: str | None = None  # tracking URI (--mlflow): a parent MLflow run, one nested run per job; not in any key
+    mlflow_experiment: str | None = None
 
 
 @dataclass
@@ -80,7 +82,9 @@ class Sweep:
         self.store: Store | None = None
         self.states: list[CellState] = []
         self.ran = 0  # jobs trained by this process
+        self.failed = 0  # of them, the jobs that failed
         self.reused = 0  # jobs found done in the store
+        self.tracking: dict | None = None  # --mlflow: settings each job logs its MLflow run with (tracking.py)
 
     # ------------------------------------------------------------------ configs and jobs
 
@@ -177,7 +181,7 @@ class Sweep:
             state.chosen_note = f"trial {best.number} (validation {best.value:.4f})"
         # the report reads the final runs of this choice (a resumed sweep with more trials may choose anew)
         chosen = self.store.get_meta("chosen", {})
-        chosen[state.cell.id] = state.chosen
+        chosen[state.cell.public_id] = state.chosen  # the store's cell ids (no absolute data path)
         self.store.set_meta("chosen", chosen)
 
     def _budget(self) -> tuple[str, int] | None:
@@ -233,8 +237,11 @@ class Sweep:
             self.progress.reused(job, stored)
 
     def on_result(self, state: CellState, job: dict, result: dict) -> None:
+        if result.get("error"):  # a message may quote a data path: written as the store writes paths
+            result = {**result, "error": public_error(result["error"], state.cell.data, self.exp.data_root)}
         self.store.record(result)
         self.ran += 1
+        self.failed += result["status"] == "failed"
         if job["kind"] == "trial":
             state.trial_jobs.pop(job["trial"])
             state.history[job["trial"]] = self._trial_record(job, result)
@@ -255,11 +262,11 @@ class Sweep:
                 raise ConfigError(f"{store.path} already holds {existing} runs ({store.count('done')} done); "
                                   "pass --resume to continue that sweep, or choose a new --out")
             if previous and self.opts.resume:
-                _check_compatible(previous, self.exp.to_dict(), store.path)
+                _check_compatible(public_experiment(previous), public_experiment(self.exp.to_dict()), store.path)
             stale = store.running_rows()
             if stale and self.progress:
                 self.progress.note(f"{len(stale)} run(s) left 'running' by a stopped sweep will be run again")
-            store.set_meta("experiment", self.exp.to_dict())
+            store.set_meta("experiment", public_experiment(self.exp.to_dict()))  # no absolute data path
             store.set_meta("medpeft_version", __version__)
             store.set_meta("notes", self.exp.notes)
         except BaseException:
@@ -305,7 +312,7 @@ class Sweep:
                     self.store.mark_running(job)
                     if self.progress:
                         self.progress.started(job)
-                    self.executor.submit(job)
+                    self.executor.submit({**job, "tracking": self.tracking} if self.tracking else job)
                     budget_left = self.opts.max_jobs is None or self.ran + self.executor.in_flight() < self.opts.max_jobs
                 if self.executor.in_flight() == 0:
                     break
@@ -340,11 +347,23 @@ class Sweep:
         counts = {s: self.store.count(s) for s in ("done", "failed", "running")}
         complete = all(s.finished for s in self.states)
         return {"cells": len(self.cells), "jobs_total": len(self.cells) * (self.exp.hpo_trials + len(self.exp.seeds)),
-                "ran": self.ran, "reused": self.reused, "complete": complete and not interrupted,
+                "ran": self.ran, "failed": self.failed, "reused": self.reused,
+                "complete": complete and not interrupted,
                 "interrupted": interrupted, "store": counts,
-                "chosen": {s.cell.id: {"params": s.chosen, "note": s.chosen_note} for s in self.states
+                "chosen": {s.cell.public_id: {"params": s.chosen, "note": s.chosen_note} for s in self.states
                            if s.chosen is not None},
                 "finished_at": time.time(), "pid": os.getpid()}
+
+
+def public_error(text: str, *paths) -> str:
+    """An error message with the given data paths (absolute ones) written as the store writes them."""
+    from ..data.privacy import public_path
+
+    for path in paths:
+        if isinstance(path, str) and path and public_path(path) != path:
+            full = os.path.normpath(os.path.expanduser(path))
+            text = text.replace(full, str(public_path(path))).replace(path, str(public_path(path)))
+    return text
 
 
 def _check_compatible(previous: dict, current: dict, path) -> None:
@@ -361,14 +380,20 @@ def run_sweep(exp: Experiment, opts: RunOptions, executor=None, progress=None) -
     """Validate, run every job not yet done, write the report; returns the sweep summary."""
     from .executors import make_executor
 
-    exp.validate()
-    if executor is None:
-        executor = make_executor(opts.executor, opts.address, opts.threads, opts.cpus_per_trial,
-                                 opts.gpus_per_trial, opts.ray_num_cpus)
-    sweep = Sweep(exp, opts, executor, progress)
-    summary = sweep.run()
-    if opts.report and summary["store"]["done"]:
-        from .report import build_report
+    from ..tracking import sweep_tracking
 
-        summary["report"] = build_report(opts.out)
+    exp.validate()
+    with sweep_tracking(opts.mlflow, opts.mlflow_experiment, exp, opts.out) as tracking:  # None unless --mlflow
+        if executor is None:
+            executor = make_executor(opts.executor, opts.address, opts.threads, opts.cpus_per_trial,
+                                     opts.gpus_per_trial, opts.ray_num_cpus)
+        sweep = Sweep(exp, opts, executor, progress)
+        sweep.tracking = tracking.job_spec if tracking else None
+        summary = sweep.run()
+        if opts.report and summary["store"]["done"]:
+            from .report import build_report
+
+            summary["report"] = build_report(opts.out)
+        if tracking:
+            tracking.finish(summary, Path(opts.out) / "report")
     return summary

@@ -7,7 +7,8 @@ the image's min-max) -> 0..255, inverted for MONOCHROME1. RGB (and YBR, converte
 passes through. Multi-frame: the middle frame unless ``frame="all"`` or a frame index.
 
 Identifiers: ``dicom_group_ids`` returns salted, truncated SHA-256 hashes of PatientID and
-StudyInstanceUID. Nothing in this module logs, returns or raises with a patient attribute.
+StudyInstanceUID. Nothing in this module logs, returns or raises with a patient attribute, and
+pydicom's reading validation (whose warnings quote values such as a UID) is switched off.
 """
 from __future__ import annotations
 
@@ -29,6 +30,10 @@ def _pydicom():
         import pydicom
     except ImportError as exc:  # pydicom is a dependency; say how to fix a broken install
         raise DataError(f"DICOM support needs pydicom ({exc}); install it with: pip install pydicom") from None
+    # pydicom's value validation on reading warns with the offending value itself ("Invalid value for
+    # VR UI: '1.2.3.<site>...'", a patient name for VR PN) on stderr and in its log: medpeft reads only
+    # pixels and hashes identifiers, so the check is switched off (a process-wide pydicom setting)
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     return pydicom
 
 

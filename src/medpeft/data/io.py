@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import socket
 import warnings
 from collections.abc import Iterable
@@ -22,6 +23,10 @@ from torchvision.transforms.v2 import functional as TF
 from medpeft.errors import ConfigError, DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
+# PIL warns about images between MAX_IMAGE_PIXELS and twice that ("could be decompression bomb DOS
+# attack") and refuses larger ones; medpeft refuses the larger ones itself with a clear error
+# (``pixel_budget``) and decodes the others as asked, so the warning says nothing useful here
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 def is_image_file(name: str) -> bool:
@@ -82,18 +87,49 @@ def _pil_to_array(image: Image.Image, path: str) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
+def pixel_budget() -> int | None:
+    """The most pixels an image file may have: PIL's decompression-bomb limit, 2 x
+    ``PIL.Image.MAX_IMAGE_PIXELS`` (178,956,970 pixels, about 13,377 x 13,377); None when PIL's
+    check is switched off (``PIL.Image.MAX_IMAGE_PIXELS = None``)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    return None if limit is None else 2 * int(limit)
+
+
+def over_budget(path: str, exc: Exception | None = None) -> DataError:
+    """The error for an image file with more pixels than ``pixel_budget()`` (``exc``: PIL's
+    DecompressionBombError, whose message holds the pixel count)."""
+    found = re.search(r"\((\d+) pixels\)", str(exc or ""))
+    what = f"{int(found.group(1)):,} pixels" if found else "more pixels than that"
+    return DataError(f"image {path} has {what}, over the pixel budget of {pixel_budget():,} pixels per image "
+                     "(PIL's decompression-bomb limit: decoding it could exhaust the memory); downscale it first "
+                     "(medpeft resizes every image to the model's input size anyway)")
+
+
+def open_image(path: str) -> Image.Image:
+    """``PIL.Image.open`` (reads the header only); a file over the pixel budget -> DataError naming it."""
+    try:
+        return Image.open(path)
+    except Image.DecompressionBombError as exc:
+        raise over_budget(path, exc) from None
+
+
 def read_image(path: str | os.PathLike, dicom_window: str | None = None) -> np.ndarray:
-    """Decode one image file to uint8 (H, W) or (H, W, 3). Unreadable file -> DataError naming it."""
+    """Decode one image file to uint8 (H, W) or (H, W, 3). Unreadable file, or one over the pixel
+    budget (``pixel_budget()``) -> DataError naming it."""
     path = os.fspath(path)
     if path.lower().endswith(".dcm"):
         return _read_dicom(path, dicom_window)
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             image.load()  # decode now so truncated files fail here, inside the try
             image = ImageOps.exif_transpose(image)
             array = _pil_to_array(image, path)
+    except DataError:
+        raise
     except FileNotFoundError:
         raise DataError(f"image file not found: {path}") from None
+    except Image.DecompressionBombError as exc:  # formats whose size is only known while decoding
+        raise over_budget(path, exc) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise DataError(f"cannot read image {path}: {exc}; expected a readable "
                         f"{'/'.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)} file") from None
@@ -151,6 +187,7 @@ def array_to_chw(array: np.ndarray) -> torch.Tensor:
 def load_images(paths: Iterable[str], size: int, dicom_window: str | None = None) -> torch.Tensor:
     """Decode and resize every file right away (only the small copies are kept): uint8 [N, C, S, S]."""
     paths = list(paths)
+    parse_window(dicom_window)  # a malformed window fails even when no file is a DICOM one
 
     def one(path: str) -> torch.Tensor:
         return resize_images(array_to_chw(read_image(path, dicom_window)), size)

@@ -128,6 +128,20 @@ def manifest_groups(rows, group_column: str | None, path: str) -> list[str] | No
     return groups
 
 
+# spellings of a missing value (pandas, R, Excel exports): never a class of their own
+MISSING_LABELS = {"nan", "na", "n/a", "null", "none", "<na>", "#n/a", "?", "-"}
+
+
+def check_missing_labels(rows, path: str, column: str = "label") -> None:
+    """DataError naming the lines whose label is empty or a missing-value marker (NaN, NA, null...)."""
+    bad = [(line, row.get(column, "")) for line, row in rows
+           if not row.get(column, "") or row.get(column, "").strip().lower() in MISSING_LABELS]
+    if bad:
+        shown = ", ".join(f"line {line} ({value!r})" for line, value in bad[:10]) + (", ..." if len(bad) > 10 else "")
+        raise DataError(f"{path}: {len(bad)} row(s) have no {column}: {shown}; every row needs a class label "
+                        "(a missing value such as NaN is not a class): fill them in or drop the rows")
+
+
 def _labels(rows, cfg: DataConfig, path: str):
     if cfg.label_columns:
         matrix = []
@@ -141,11 +155,8 @@ def _labels(rows, cfg: DataConfig, path: str):
                 values.append(1.0 if value in _TRUE else 0.0)
             matrix.append(values)
         return "multilabel", list(cfg.label_columns), torch.tensor(matrix, dtype=torch.float32)
-    raw = []
-    for line, row in rows:
-        if not row["label"]:
-            raise DataError(f"{path} line {line}: empty label; every row needs a label")
-        raw.append(row["label"])
+    check_missing_labels(rows, path)  # empty, NaN, NA, ...: every such row named
+    raw = [row["label"] for _, row in rows]
     try:
         numeric = {value: int(value) for value in set(raw)}
         names = [str(v) for v in sorted(set(numeric.values()))]
@@ -161,7 +172,9 @@ def _labels(rows, cfg: DataConfig, path: str):
     return task, names, torch.tensor(labels, dtype=torch.int64)
 
 
-def load_manifest(path: str, cfg: DataConfig) -> Manifest:
+def check_manifest(path: str, cfg: DataConfig) -> tuple:
+    """Everything about a manifest but its pixels (rows, columns, files, split, groups, labels):
+    (root, files, ids, split, groups, task, class names, labels). DataError naming the row."""
     columns, rows = _read_rows(path)
     if not rows:
         raise DataError(f"manifest {path} has no rows; expected a header and one row per image")
@@ -178,8 +191,12 @@ def load_manifest(path: str, cfg: DataConfig) -> Manifest:
     files, ids = manifest_files(rows, root_real, path)
     split = manifest_split(rows, columns, path)
     groups = manifest_groups(rows, group_column, path)
-
     task, class_names, labels = _labels(rows, cfg, path)
+    return root_real, files, ids, split, groups, task, class_names, labels
+
+
+def load_manifest(path: str, cfg: DataConfig) -> Manifest:
+    root_real, files, ids, split, groups, task, class_names, labels = check_manifest(path, cfg)
     images = load_images(files, cfg.image_size, cfg.dicom_window)
     if groups is None:
         from medpeft.data.folder import _dicom_groups

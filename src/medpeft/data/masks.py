@@ -116,6 +116,10 @@ def decode_mask(path: str | os.PathLike) -> tuple[np.ndarray, bool, bool]:
             array = _mask_pixels(image, jpeg)
     except FileNotFoundError:
         raise DataError(f"mask file not found: {path}") from None
+    except Image.DecompressionBombError as exc:
+        from medpeft.data.io import over_budget
+
+        raise over_budget(path, exc) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise DataError(f"cannot read mask {path}: {exc}; expected a readable PNG/JPEG/BMP/TIFF mask") from None
     if array.ndim not in (2, 3) or array.size == 0:
@@ -432,9 +436,9 @@ def load_mask_manifest(path: str, cfg: DataConfig) -> SegmentationSource:
     labels = strata_names = None
     if "label" in columns:
         raw = [row["label"] for _, row in rows]
-        for (line, row), value in zip(rows, raw):
-            if not value:
-                raise DataError(f"{path} line {line}: empty label; give every row a label or drop the column")
+        from medpeft.data.manifest import check_missing_labels
+
+        check_missing_labels(rows, path)  # empty, NaN, NA, ...: give every row a label or drop the column
         try:
             strata_names = [str(v) for v in sorted({int(v) for v in raw})]
             index = {name: i for i, name in enumerate(strata_names)}

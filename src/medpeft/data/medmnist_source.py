@@ -9,6 +9,7 @@ import torch
 
 from medpeft.data.base import DataBundle, DataConfig, ImageSet
 from medpeft.data.io import is_online, resize_images
+from medpeft.data.privacy import public_path
 from medpeft.data.splits import SPLITS, split_info_for
 from medpeft.errors import ConfigError, DataError
 from medpeft.metrics import resolve_positive_class
@@ -90,6 +91,22 @@ def _download(flag: str, root: str, size: int, path: str) -> None:
                         f"download it by hand from {url} to {path}") from None
 
 
+def medmnist_file(flag: str, cfg: DataConfig) -> str:
+    """Where set ``flag``'s npz file is (or is downloaded to); DataError when it is missing and
+    cannot be downloaded (offline). Reads nothing: ``--dry-run`` checks data with it."""
+    flag = flag.lower()
+    size = _check_size(cfg.medmnist_size)
+    root = os.path.expanduser(cfg.root) if cfg.root else default_data_root()
+    path = expected_path(flag, root, size)
+    if not os.path.isfile(path) and not is_online():
+        info = _info()[flag]
+        url = info.get("url" if size == 28 else f"url_{size}", "")
+        raise DataError(f"MedMNIST file not found: {path} (offline, so not downloaded). "
+                        f"Download {url} to that path, or point --data-root (or $MEDPEFT_DATA) "
+                        f"at the folder holding {file_name(flag, size)}")
+    return path
+
+
 def load_medmnist(flag: str, cfg: DataConfig) -> DataBundle:
     info_all = _info()
     flag = flag.lower()
@@ -102,25 +119,19 @@ def load_medmnist(flag: str, cfg: DataConfig) -> DataBundle:
     positive = resolve_positive_class(class_names, task, cfg.positive_class,
                                       clinical_positive_class(flag))
     size = _check_size(cfg.medmnist_size)
-    root = os.path.expanduser(cfg.root) if cfg.root else default_data_root()
-    path = expected_path(flag, root, size)
+    path = medmnist_file(flag, cfg)
     if not os.path.isfile(path):
-        if is_online():
-            _download(flag, root, size, path)
-        else:
-            url = info.get("url" if size == 28 else f"url_{size}", "")
-            raise DataError(f"MedMNIST file not found: {path} (offline, so not downloaded). "
-                            f"Download {url} to that path, or point --data-root (or $MEDPEFT_DATA) "
-                            f"at the folder holding {file_name(flag, size)}")
+        root = os.path.expanduser(cfg.root) if cfg.root else default_data_root()
+        _download(flag, root, size, path)
     splits = _read_npz(path)
     sets = {}
     for split in SPLITS:
         images, labels = splits[split]
         sets[split] = ImageSet(images=_to_tensor(images, cfg.image_size),
-                               labels=_labels(labels, task, path, split),
+                               labels=_labels(labels, task, path, split, class_names),
                                ids=[f"{split}/{i}" for i in range(len(labels))])
     split_info = split_info_for("official", sets["train"], sets["val"], sets["test"], seed=None,
-                                source="medmnist", file=path, medmnist_size=size)
+                                source="medmnist", file=public_path(path), medmnist_size=size)
     return DataBundle(name=flag, task=task, class_names=class_names, train=sets["train"],
                       val=sets["val"], test=sets["test"], split_info=split_info, positive_class=positive)
 
@@ -141,6 +152,13 @@ def _read_npz(path: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         if images.dtype != np.uint8 or images.ndim not in (3, 4) or len(images) != len(labels):
             raise DataError(f"corrupt MedMNIST file {path}: {split} has images {images.dtype}{list(images.shape)} "
                             f"and {len(labels)} labels; expected uint8 [N,H,W(,3)] with N labels")
+        if images.ndim == 4 and images.shape[-1] not in (1, 3):
+            raise DataError(f"{path}: {split}_images has {images.shape[-1]} channels per pixel "
+                            f"{list(images.shape)}; expected grayscale [N,H,W] or RGB [N,H,W,3] (convert "
+                            "RGBA/CMYK images to RGB before saving them)")
+        if len(images) == 0:
+            raise DataError(f"{path}: the {split} split is empty (0 images); every split (train, val, test) "
+                            "needs images")
     return out
 
 
@@ -150,9 +168,29 @@ def _to_tensor(images: np.ndarray, image_size: int) -> torch.Tensor:
     return resize_images(tensor, image_size)  # the whole split in one call
 
 
-def _labels(labels: np.ndarray, task: str, path: str, split: str) -> torch.Tensor:
+def _labels(labels: np.ndarray, task: str, path: str, split: str, class_names: list[str]) -> torch.Tensor:
     if task == "multilabel":
-        return torch.from_numpy(labels.astype(np.float32).reshape(len(labels), -1))
+        values = labels.astype(np.float32).reshape(len(labels), -1)
+        if values.shape[1] != len(class_names) or not np.isin(values, (0.0, 1.0)).all():
+            raise DataError(f"{path}: {split}_labels has shape {labels.shape} with values "
+                            f"{np.unique(values)[:10].tolist()}; expected (N, {len(class_names)}) of 0/1 (one "
+                            f"column per label: {', '.join(class_names)})")
+        return torch.from_numpy(values)
     if labels.ndim == 2 and labels.shape[1] != 1:
         raise DataError(f"corrupt MedMNIST file {path}: {split}_labels has shape {labels.shape}, expected (N, 1)")
-    return torch.from_numpy(labels.reshape(-1).astype(np.int64))
+    flat = labels.reshape(-1)
+    if not np.issubdtype(flat.dtype, np.integer):
+        whole = np.isfinite(flat) & (flat == np.round(flat)) if np.issubdtype(flat.dtype, np.floating) else \
+            np.zeros(len(flat), dtype=bool)
+        if not whole.all():
+            rows = np.flatnonzero(~whole)
+            raise DataError(f"{path}: {split}_labels holds {flat.dtype} values that are not class indices "
+                            f"({', '.join(repr(flat[r].item()) for r in rows[:5])} in rows "
+                            f"{', '.join(map(str, rows[:5]))}); expected integers 0..{len(class_names) - 1}")
+    flat = flat.astype(np.int64)
+    bad = np.flatnonzero((flat < 0) | (flat >= len(class_names)))
+    if len(bad):
+        raise DataError(f"{path}: {split}_labels holds {len(bad)} label(s) outside the {len(class_names)} classes "
+                        f"0..{len(class_names) - 1} ({'; '.join(f'{k} = {n}' for k, n in enumerate(class_names))}): "
+                        + ", ".join(f"row {r}: {flat[r]}" for r in bad[:5]) + ("" if len(bad) <= 5 else ", ..."))
+    return torch.from_numpy(flat)

@@ -33,6 +33,9 @@ def _candidates(name: str, root: str | None) -> list[str]:
 
 def resolve_source(cfg: DataConfig) -> tuple[str, str]:
     """(kind, flag or path) for cfg.name, or ConfigError listing what is accepted."""
+    from medpeft.data.privacy import check_recorded
+
+    check_recorded(cfg.name, cfg.root, cfg.split_file)  # a config.yaml written without full paths
     name = str(cfg.name or "").strip()
     if name.lower() in medmnist_names():
         return "medmnist", name.lower()
@@ -57,6 +60,14 @@ def check_data_config(cfg: DataConfig) -> None:
     size = cfg.image_size
     if isinstance(size, bool) or not isinstance(size, Integral) or size < 1:
         raise ConfigError(f"image_size must be a whole number >= 1 (pixels, square), got {size!r}")
+    from medpeft.backbones.registry import MAX_IMAGE_SIZE
+
+    if size > MAX_IMAGE_SIZE:
+        raise ConfigError(f"image_size {size} is too large: expected at most {MAX_IMAGE_SIZE} px (every image is "
+                          "kept in memory at that size)")
+    from medpeft.data.io import parse_window
+
+    parse_window(cfg.dicom_window)  # a malformed window fails even for data without DICOM files
     # checked before any image is read, so a typo fails in milliseconds, not after loading
     if cfg.near_duplicates not in ("group", "ignore"):
         raise ConfigError(f"near_duplicates {cfg.near_duplicates!r} is not one of group, ignore")
@@ -67,6 +78,48 @@ def check_data_config(cfg: DataConfig) -> None:
     if cfg.val_labels not in VAL_LABELS:
         raise ConfigError(f"val_labels {cfg.val_labels!r} is not one of {', '.join(VAL_LABELS)} (follow: validation "
                           "subsampled like the training labels; full: every validation label)")
+
+
+def check_source(cfg: DataConfig) -> str:
+    """What can be checked without decoding an image (``benchmark --dry-run`` and every sweep
+    before its first job): the MedMNIST file is there or can be downloaded; a folder has its
+    class sub-folders with images (segmentation: every image its mask); a manifest's rows, labels
+    and files exist. DataError/ConfigError naming the problem; returns the source kind."""
+    check_data_config(cfg)
+    kind, where = resolve_source(cfg)
+    if cfg.task == "segmentation":
+        from medpeft.data import masks
+
+        if kind == "medmnist":
+            masks.load_segmentation(kind, where, cfg)  # ConfigError: MedMNIST has no masks
+        elif kind == "folder":
+            if masks.detect_layout(where, cfg.mask_pattern) == "paired":
+                masks.scan_paired_folder(where)
+            else:
+                masks.scan_beside_folder(where, cfg.mask_pattern)
+        else:
+            from medpeft.data.manifest import _read_rows, _require, manifest_files
+
+            columns, rows = _read_rows(where)
+            if not rows:
+                raise DataError(f"manifest {where} has no rows; expected a header and one row per image")
+            _require(columns, ["path", "mask"], where)
+            root = os.path.realpath(os.path.expanduser(cfg.root) if cfg.root else os.path.dirname(os.path.abspath(where)))
+            manifest_files(rows, root, where)
+            manifest_files(rows, root, where, column="mask")
+    elif kind == "medmnist":
+        from medpeft.data.medmnist_source import medmnist_file
+
+        medmnist_file(where, cfg)
+    elif kind == "folder":
+        from medpeft.data.folder import scan_image_folder
+
+        scan_image_folder(where, cfg.mask_pattern)
+    else:
+        from medpeft.data.manifest import check_manifest
+
+        check_manifest(where, cfg)
+    return kind
 
 
 def load_data(cfg: DataConfig) -> DataBundle:

@@ -225,7 +225,9 @@ def assign_from_split_file(pool: ImageSet, path: str | os.PathLike) -> tuple[Ima
         warnings.warn(f"split file {os.fspath(path)} does not list {unassigned} image(s) of the data set; "
                       "they are left out of every split", stacklevel=2)
     train, val, test = (pool.subset(p) for p in parts)
-    info = split_info_for("file", train, val, test, file=os.fspath(path), unassigned=unassigned)
+    from medpeft.data.privacy import public_path
+
+    info = split_info_for("file", train, val, test, file=public_path(os.fspath(path)), unassigned=unassigned)
     return train, val, test, info
 
 
@@ -342,3 +344,37 @@ def _smallest_class(labels) -> int:
         return 1
     counts = np.bincount(labels)
     return int(counts[counts > 0].min())
+
+
+# ----------------------------------------------------------------------------- before training
+def check_splits(bundle: DataBundle, need_val: bool = True, need_test: bool = True) -> list[str]:
+    """An empty split the run needs is a DataError naming it; a test (or validation) split of a
+    classification task that lacks a class gets a warning (AUROC, sensitivity or specificity of
+    the missing class are undefined: NaN in the metrics). Returns the warnings given."""
+    needed = [("train", bundle.train)] + [("val", bundle.val)] * need_val + [("test", bundle.test)] * need_test
+    for split, part in needed:
+        if len(part) == 0:
+            raise DataError(f"the {split} split of {bundle.name} is empty (0 images; splits: train "
+                            f"{len(bundle.train)}, val {len(bundle.val)}, test {len(bundle.test)}); every split a "
+                            "run uses needs images: give more data, other split ratios or a split file")
+    given = []
+    if bundle.task not in ("binary", "multiclass", "multilabel"):
+        return given
+    for split, part in needed[1:]:
+        labels = part.labels.numpy()
+        if bundle.task == "multilabel":
+            constant = [name for k, name in enumerate(bundle.class_names) if len(np.unique(labels[:, k])) < 2]
+            if constant:
+                given.append(f"the {split} split of {bundle.name} ({len(part)} images) has label(s) "
+                             f"{', '.join(constant)} all positive or all negative: their AUROC is undefined (NaN)")
+            continue
+        present = Counter(int(v) for v in labels)
+        missing = [name for k, name in enumerate(bundle.class_names) if k not in present]
+        if missing:
+            held = ", ".join(f"{bundle.class_names[k]} {n}" for k, n in sorted(present.items()))
+            given.append(f"the {split} split of {bundle.name} ({len(part)} images: {held}) has no image of class(es) "
+                         f"{', '.join(missing)}: its AUROC{' (and sensitivity or specificity)' * (bundle.task == 'binary')} "
+                         "is undefined (NaN); give more data or other split ratios")
+    for message in given:
+        warnings.warn(message, stacklevel=2)
+    return given

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.base import DataBundle, ImageSet
+from ..errors import ConfigError
 from ..metrics import METRIC_NAMES, compute_metrics, metrics_with_ci
 from .base import Task
 
@@ -57,21 +58,31 @@ class ClassificationTask(Task):
         return metrics_with_ci(targets, predictions, options["kind"], n_boot=n_boot, seed=seed,
                                positive=options.get("positive", 1))
 
-    def write_user_predictions(self, files, predictions, class_names, kind, out):
+    def write_user_predictions(self, files, predictions, class_names, kind, out, extra=None):
+        """``extra``: per-file columns added after the prediction (the decision at an operating point)."""
         import json
 
         rows = []
-        for name, p in zip(files, predictions):
+        for i, (name, p) in enumerate(zip(files, predictions)):
             row = {"file": name, **{f"p_{c}": float(v) for c, v in zip(class_names, p)}}
             if kind != "multilabel":
                 row["prediction"] = class_names[int(np.argmax(p))]
+            if extra is not None:
+                row.update(extra[i])
             rows.append(row)
         if not out:
             return "\n".join(json.dumps(row) for row in rows)
-        with open(out, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        folder = Path(out).expanduser().parent
+        if Path(out).expanduser().is_dir() or not folder.is_dir():
+            raise ConfigError(f"--out {out}: " + ("is a folder; give a CSV file name" if Path(out).expanduser().is_dir()
+                                                  else f"the folder {folder} does not exist; create it first"))
+        try:
+            with open(out, "w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+        except OSError as err:
+            raise ConfigError(f"--out {out}: cannot write it ({err.strerror})") from None
         return f"wrote {len(rows)} predictions to {out}"
 
     def write_predictions(self, out: Path, bundle: DataBundle, predictions: np.ndarray) -> list[str]:
