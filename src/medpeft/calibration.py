@@ -146,18 +146,12 @@ def _from_weights(parts: dict, weights: np.ndarray) -> dict[str, np.ndarray]:
 
 def _bootstrap(n: int, n_boot: int, seed: int, fn) -> dict[str, np.ndarray]:
     """``fn(weights [R, N])`` -> {name: [R]} for ``n_boot`` resamples of the N images, in blocks."""
-    rng = np.random.default_rng(seed)
-    block = max(1, min(n_boot, _MAX_BLOCK_ENTRIES // max(n, 1)))
+    from .metrics import bootstrap_weight_blocks
+
     parts: dict[str, list] = {}
-    done = 0
-    while done < n_boot:
-        rows = min(block, n_boot - done)
-        idx = rng.integers(0, n, size=(rows, n))
-        flat = (idx + n * np.arange(rows)[:, None]).ravel()
-        weights = np.bincount(flat, minlength=rows * n).reshape(rows, n).astype(np.float64)
+    for weights in bootstrap_weight_blocks(n, n_boot, seed, _MAX_BLOCK_ENTRIES):
         for name, values in fn(weights).items():
             parts.setdefault(name, []).append(values)
-        done += rows
     return {name: np.concatenate(v) for name, v in parts.items()}
 
 

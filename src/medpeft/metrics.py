@@ -313,25 +313,29 @@ def _check_boot_options(n_boot, alpha) -> None:
         raise ConfigError(f"alpha={alpha!r}; expected a number in (0, 1), e.g. 0.05 for a 95% interval")
 
 
-def _resample_weights(rng: np.random.Generator, rows: int, n: int) -> np.ndarray:
-    """Draw a [rows, n] bootstrap index matrix and turn it into per-sample counts [rows, n]."""
-    idx = rng.integers(0, n, size=(rows, n))
-    flat = (idx + n * np.arange(rows)[:, None]).ravel()
-    return np.bincount(flat, minlength=rows * n).reshape(rows, n).astype(np.float64)
+def bootstrap_weight_blocks(n: int, n_boot: int, seed: int, max_entries: int = _MAX_BLOCK_ENTRIES):
+    """The ``n_boot`` bootstrap resamples of ``n`` items as per-item counts, in blocks [rows, n]
+    of at most ``max_entries`` entries (memory stays bounded; vectorised metrics read a block as
+    weights). One stream per seed: the same resamples for any block size that divides the draws
+    the same way, and for every metric module that uses it."""
+    rng = np.random.default_rng(seed)
+    block = max(1, min(n_boot, max_entries // max(n, 1)))
+    done = 0
+    while done < n_boot:
+        rows = min(block, n_boot - done)
+        idx = rng.integers(0, n, size=(rows, n))
+        flat = (idx + n * np.arange(rows)[:, None]).ravel()
+        yield np.bincount(flat, minlength=rows * n).reshape(rows, n).astype(np.float64)
+        done += rows
 
 
 def _bootstrap_distribution(p: _Prepared, n_boot: int, seed: int) -> dict[str, np.ndarray]:
     """Metric values for each of ``n_boot`` resamples (NaN where undefined)."""
-    rng = np.random.default_rng(seed)
-    block = max(1, min(n_boot, _MAX_BLOCK_ENTRIES // p.n))
     parts: dict[str, list[np.ndarray]] = {name: [] for name in METRIC_NAMES}
-    done = 0
-    while done < n_boot:
-        rows = min(block, n_boot - done)
-        values = _metrics_from_weights(p, _resample_weights(rng, rows, p.n))
+    for weights in bootstrap_weight_blocks(p.n, n_boot, seed):
+        values = _metrics_from_weights(p, weights)
         for name in METRIC_NAMES:
             parts[name].append(values[name])
-        done += rows
     return {name: np.concatenate(parts[name]) for name in METRIC_NAMES}
 
 

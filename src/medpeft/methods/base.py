@@ -184,14 +184,21 @@ def is_wrapper_layer(module: nn.Module) -> bool:
     return callable(getattr(module, "get_base_layer", None)) and callable(getattr(module, "merge", None))
 
 
-def base_layer(module: nn.Module) -> nn.Module:
-    """The plain layer under any wrapper layers."""
+def layers_under(module: nn.Module):
+    """The module, then each layer a wrapper holds, down to the plain layer."""
+    yield module
     while is_wrapper_layer(module):
         inner = module.get_base_layer()
         if inner is module:
-            break
+            return
         module = inner
-    return module
+        yield module
+
+
+def base_layer(module: nn.Module) -> nn.Module:
+    """The plain layer under any wrapper layers."""
+    *_, plain = layers_under(module)
+    return plain
 
 
 # --------------------------------------------------------------------------- accounting / state

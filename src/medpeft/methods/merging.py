@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import MethodModule, base_layer, get_method, is_wrapper_layer
+from .base import MethodModule, base_layer, get_method, is_wrapper_layer, layers_under
 from .scaling import AttachedModule, attached_hooks, remove_hooks
 from .vit_modules import MedpeftAttention, MedpeftMlp, unpatch_unused
 
@@ -100,22 +100,12 @@ def _tapped_linears(model: nn.Module) -> list[tuple[str, nn.Module, tuple[nn.Mod
 def _check_foreign_hooks(module: nn.Module, path: str) -> None:
     """A hook that is not a method's acts on the layer's output after its weights: folding a delta
     into those weights would put the delta under that hook, so refuse (before changing anything)."""
-    for layer in _layers_under(module):
+    for layer in layers_under(module):
         hooks = list(layer._forward_hooks.values()) + list(layer._forward_pre_hooks.values())
         foreign = [fn for fn in hooks if not isinstance(getattr(fn, "__self__", None), AttachedModule)]
         if foreign:
             raise ConfigError(f"cannot merge into {path!r}: it carries a forward hook that is not a medpeft "
                               f"method's ({foreign[0]!r}); remove that hook first")
-
-
-def _layers_under(module: nn.Module):
-    yield module
-    while is_wrapper_layer(module):
-        inner = module.get_base_layer()
-        if inner is module:
-            return
-        module = inner
-        yield module
 
 
 def _replace(model: nn.Module, path: str, new: nn.Module) -> None:

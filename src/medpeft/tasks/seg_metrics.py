@@ -280,24 +280,18 @@ def mean_scores(pred, target, num_classes: int, nsd_tolerance: float = 2.0,
 
 def _bootstrap_means(values: dict[str, np.ndarray], n: int, n_boot: int, seed: int) -> dict[str, np.ndarray]:
     """Means over ``n_boot`` resamples of the images (NaN-skipping; NaN if a resample has none)."""
-    rng = np.random.default_rng(seed)
+    from ..metrics import bootstrap_weight_blocks
+
     names = list(values)
     ok = {m: ~np.isnan(values[m]) for m in names}
     filled = {m: np.where(ok[m], values[m], 0.0) for m in names}
-    block = max(1, min(n_boot, _MAX_BLOCK_ENTRIES // n))
     parts: dict[str, list[np.ndarray]] = {m: [] for m in names}
-    done = 0
-    while done < n_boot:
-        rows = min(block, n_boot - done)
-        idx = rng.integers(0, n, size=(rows, n))
-        flat = (idx + n * np.arange(rows)[:, None]).ravel()
-        weights = np.bincount(flat, minlength=rows * n).reshape(rows, n).astype(np.float64)
+    for weights in bootstrap_weight_blocks(n, n_boot, seed, _MAX_BLOCK_ENTRIES):
         for m in names:
             cnt = weights @ ok[m].astype(np.float64)
             tot = weights @ filled[m]
             with np.errstate(invalid="ignore", divide="ignore"):
                 parts[m].append(np.where(cnt > 0, tot / cnt, np.nan))
-        done += rows
     return {m: np.concatenate(parts[m]) for m in names}
 
 
