@@ -7,7 +7,6 @@ backbones and one torch thread per job, so a whole sweep takes seconds.
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import sqlite3
@@ -20,13 +19,12 @@ import numpy as np
 import optuna
 import pytest
 import yaml
-from PIL import Image
 
 from medpeft.bench.executors import LocalExecutor
 from medpeft.bench.grid import Experiment, load_experiment_file
 from medpeft.bench.hpo import HpoSettings, PruningReporter, TrialRecord, sample_params, visible_history
 from medpeft.bench.jobs import BundleCache
-from medpeft.bench.report import build_report, pareto_front
+from medpeft.bench.report import pareto_front
 from medpeft.bench.space import default_params, search_space
 from medpeft.bench.store import Store, config_key
 from medpeft.bench.sweep import RunOptions, Sweep, run_sweep
@@ -34,25 +32,12 @@ from medpeft.cli import main
 from medpeft.errors import ConfigError
 from medpeft.methods import get_method, list_methods
 from medpeft.stats import mean_std_ci, paired_test
+from toydata import make_toy  # noqa: F401 - test_protocol imports it from here
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 # ---------------------------------------------------------------------- fixtures
-
-
-def make_toy(root: Path, per_class: int = 30) -> Path:
-    """Two classes of 16 px grayscale noise; class 'lesion' has a bright square somewhere."""
-    rng = np.random.default_rng(0)
-    for name in ("normal", "lesion"):
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            img = rng.normal(100, 30, (16, 16))
-            if name == "lesion":
-                x, y = rng.integers(1, 10, 2)
-                img[y:y + 5, x:x + 5] += 80
-            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / name / f"{i:03d}.png")
-    return root
 
 
 @pytest.fixture(scope="session")

@@ -17,31 +17,16 @@ from medpeft.cli import main
 from medpeft.data.base import DataConfig
 from medpeft.run import RunConfig, execute, load_run
 from medpeft.train import TrainConfig
+from toydata import make_toy
 
 ort = pytest.importorskip("onnxruntime")
 
 from medpeft.onnx_export import read_metadata  # noqa: E402
 
 
-def make_toy(root, per_class=24, size=32):
-    """Two classes of noise; 'lesion' images have a bright square."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for name in ("normal", "lesion"):
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            img = rng.normal(100, 25, (size, size))
-            if name == "lesion":
-                x, y = rng.integers(2, size - 12, 2)
-                img[y:y + 10, x:x + 10] += 90
-            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / name / f"{i:03d}.png")
-    return root
-
-
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    return make_toy(tmp_path_factory.mktemp("onnx") / "toy")
+    return make_toy(tmp_path_factory.mktemp("onnx") / "toy", per_class=24, size=32)
 
 
 def train_run(toy, out, backbone, method, task="classification", **train):

@@ -296,8 +296,8 @@ def test_folder_without_masks_is_an_error(tmp_path):
 
 
 def test_unknown_task_and_medmnist_segmentation_are_config_errors(tmp_path):
-    with pytest.raises(ConfigError, match=r"task 'detection' is not one of classification, segmentation"):
-        load_data(DataConfig(name=str(tmp_path), task="detection"))
+    with pytest.raises(ConfigError, match=r"task 'keypoints' is not one of classification, segmentation, detection"):
+        load_data(DataConfig(name=str(tmp_path), task="keypoints"))
     with pytest.raises(ConfigError, match="no segmentation masks"):
         load_data(DataConfig(name="breastmnist", task="segmentation"))
 

@@ -342,3 +342,24 @@ def test_box_prompted_litemedsam_run_is_labelled_and_predict_needs_boxes(seg_fol
     given = torch.arange(len(images) * 4, dtype=torch.float32).reshape(-1, 4)
     predict_images(loaded.model, images, loaded.mean, loaded.std, "segmentation", 2, batch_size=3, boxes=given)
     assert torch.equal(torch.cat([b.cpu() for b in seen]), given) and len(seen) == -(-len(images) // 3)
+
+
+@pytest.mark.parametrize("method", ["ssf", "ia3", "lora+ssf"])
+def test_hook_methods_merge_inside_the_segmentation_model(method):
+    """Side modules name layers relative to the encoder they adapt: merging the whole segmentation
+    model must find them there (it once looked them up from the model's root and failed)."""
+    from medpeft.methods import merge_methods
+
+    torch.manual_seed(0)
+    model, *_ = build_model("tiny_cnn", 2, 32, method, {}, pretrained=False, task="segmentation")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+        merge_methods(model)
+        after = model(x)
+    assert torch.allclose(before, after, atol=1e-4)

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import sys
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from medpeft.bench.executors import LocalExecutor
 from medpeft.bench.grid import Experiment
@@ -16,26 +14,14 @@ from medpeft.bench.jobs import BundleCache
 from medpeft.bench.store import Store
 from medpeft.bench.sweep import RunOptions, run_sweep
 from medpeft.cli import main
+from toydata import make_toy
 
 pytest.importorskip("mlflow")
 
 
-def make_toy(root, per_class=20, size=16):
-    rng = np.random.default_rng(0)
-    for name in ("normal", "lesion"):
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            img = rng.normal(100, 30, (size, size))
-            if name == "lesion":
-                x, y = rng.integers(1, 10, 2)
-                img[y:y + 5, x:x + 5] += 80
-            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / name / f"{i:03d}.png")
-    return root
-
-
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    return make_toy(tmp_path_factory.mktemp("track") / "toy")
+    return make_toy(tmp_path_factory.mktemp("track") / "toy", per_class=20)
 
 
 def client(store):

@@ -89,9 +89,10 @@ class BatchLoader:
         self.inv_std = 1.0 / self.std
         self.shift = -self.mean / self.std
         self.images = data.images.to(self.device)  # uint8, moved once
-        # what the task learns: class labels, or per-pixel masks (then augmented with the images)
+        # what the task learns: class labels, per-pixel masks or padded boxes (both augmented with the images)
         self.labels = (data.labels if targets is None else targets(data)).to(self.device)
-        self.dense = self.labels.dim() == 3
+        self.boxes = self.labels.dim() == 3 and self.labels.is_floating_point()  # [N, M, 5], data.detection
+        self.dense = self.labels.dim() == 3 and not self.boxes
 
     def __len__(self) -> int:
         n = len(self.data)
@@ -110,12 +111,28 @@ class BatchLoader:
                 x = x.expand(-1, 3, -1, -1)
             if self.dense and targets is not None:
                 x, targets = self.augment.apply_with_mask(x, targets, gen)
+            elif self.boxes and targets is not None:
+                x, targets = self._augment_boxes(x, targets, gen)
             else:
                 x = self.augment(x, gen)
             x = torch.addcmul(self.shift, x, self.inv_std)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, targets
+
+    def _augment_boxes(self, x: torch.Tensor, targets: torch.Tensor, gen: torch.Generator):
+        """A box-aware augmentation (``box_augment.BoxAugment``) per image; boxes it drops (cut by
+        the border) become padding, so the batch keeps its [B, M, 5] shape."""
+        from .data.detection import padded_boxes, unpad
+
+        if not hasattr(self.augment, "batch"):
+            raise TypeError(f"{type(self.augment).__name__} cannot move boxes; detection needs a box-aware "
+                            "augmentation (box_augment.build_box_augment)")
+        x, moved = self.augment.batch(x, unpad(targets.cpu()), gen)
+        out = torch.full_like(targets, float("nan"))
+        padded = padded_boxes([(t["boxes"].numpy(), t["labels"].numpy()) for t in moved])
+        out[:, :padded.shape[1]] = padded.to(out.device)  # never wider: an augmentation only drops boxes
+        return x, out
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.data)

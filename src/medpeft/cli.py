@@ -49,9 +49,16 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data", default="breastmnist",
                    help="MedMNIST flag (breastmnist, pneumoniamnist, ...), a folder with one sub-folder per class, "
                         "or a CSV manifest (path,label[,split][,group]) (default: breastmnist)")
-    g.add_argument("--task", choices=("classification", "segmentation"), default="classification",
-                   help="classification (image labels) or segmentation (masks: <name>_mask.png beside each image, "
-                        "images/ + masks/ folders, or a manifest 'mask' column)")
+    g.add_argument("--task", choices=("classification", "segmentation", "detection"), default="classification",
+                   help="classification (image labels), segmentation (masks: <name>_mask.png beside each image, "
+                        "images/ + masks/ folders, or a manifest 'mask' column) or detection (boxes: Kvasir-SEG's "
+                        "kavsir_bboxes.json, --box-file COCO/CSV, a CSV manifest path,x0,y0,x1,y1,label, or one box "
+                        "per mask component)")
+    g.add_argument("--box-file", default=None,
+                   help="detection: the box file inside the data folder (COCO JSON, Kvasir JSON or CSV "
+                        "path,x0,y0,x1,y1,label; default kavsir_bboxes.json if present, else boxes from the masks)")
+    g.add_argument("--box-min-size", type=int, default=10,
+                   help="detection from masks: mask components of fewer pixels give no box (default 10)")
     g.add_argument("--mask-classes", default=None,
                    help="segmentation: comma-separated names of the mask values 0..K-1 (0 = background) for "
                         "multi-class label maps (default: binary background,lesion)")
@@ -268,6 +275,7 @@ def run_config_from_args(args) -> "RunConfig":
         label_columns=args.label_columns.split(",") if args.label_columns else None, split_file=args.split_file,
         near_duplicates=args.near_duplicates, dicom_window=args.window, audit=args.audit,
         val_labels=args.val_labels, positive_class=args.positive_class, task=args.task,
+        boxes=args.box_file, box_min_size=args.box_min_size,
         mask_classes=args.mask_classes.split(",") if args.mask_classes else None,
         near_duplicate_threshold=(int(args.near_duplicate_threshold) if str(args.near_duplicate_threshold).isdigit()
                                   else args.near_duplicate_threshold),
@@ -362,8 +370,9 @@ def cmd_predict(args) -> int:
         calibration, point, source = predict_settings(args.run, loaded.metadata)
         predictions, extra = apply_for_predict(predictions, calibration, point, loaded.class_names, args.uncalibrated)
         print(f"medpeft predict: {predict_note(calibration, point, source, args.uncalibrated)}", file=sys.stderr)
-    print(get_task(kind).write_user_predictions(list(args.images), predictions, loaded.class_names, kind, args.out,
-                                                **({"extra": extra} if extra is not None else {})))
+    task = get_task(kind)
+    settings = {"extra": extra} if extra is not None else task.predict_settings(loaded.metadata, loaded.image_size)
+    print(task.write_user_predictions(list(args.images), predictions, loaded.class_names, kind, args.out, **settings))
     return 0
 
 

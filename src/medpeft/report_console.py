@@ -64,6 +64,8 @@ def print_run_summary(metrics: dict) -> None:
     )
     from .calibration import summary_lines
 
+    for name, value in (metrics.get("fitted_on_validation") or {}).items():  # e.g. detection's score threshold
+        console.print(f"{name.replace('_', ' ')} (chosen on validation): {value:.4g}", highlight=False)
     for line in summary_lines(metrics):  # calibration and operating point of a classification run
         console.print(line, highlight=False)
     if "out_dir" in metrics:

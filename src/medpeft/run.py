@@ -122,6 +122,7 @@ def build_model(backbone: str, num_classes: int, image_size: int, method: str, m
     apply_methods(plugin.methods_target(model), names, configs, info.family)
     for param in model.get_classifier().parameters():  # the head / decoder is always trained
         param.requires_grad_(True)
+    plugin.finish_model(model)
     return model, info, names, configs
 
 
@@ -244,6 +245,9 @@ def execute(cfg: RunConfig, out_dir: str | Path | None = None, bundle: DataBundl
                              evaluate_test=evaluate_test)
         selection_targets, n_selection = plugin.targets(bundle.val).numpy(), len(bundle.val)
     counts = count_parameters(model)
+    # e.g. detection's score threshold: chosen on the selection data only, then applied to test
+    fitted = plugin.fit_on_validation(selection_targets, result.val_probs, options)
+    options.update(fitted)
     metrics = {
         "medpeft_version": __version__,
         "data": bundle.name,
@@ -280,6 +284,7 @@ def execute(cfg: RunConfig, out_dir: str | Path | None = None, bundle: DataBundl
         "feature_cache": result.feature_cache,
         "feature_cache_note": result.feature_cache_note,  # what was cached, or why not
         "train_seconds": result.train_seconds,
+        "fitted_on_validation": fitted,
         "val": plugin.metrics_with_ci(selection_targets, result.val_probs, options, cfg.n_boot, cfg.train.seed),
         "test": plugin.metrics_with_ci(plugin.targets(bundle.test).numpy(), result.test_probs, options, cfg.n_boot,
                                        cfg.train.seed) if evaluate_test else None,
@@ -295,7 +300,7 @@ def execute(cfg: RunConfig, out_dir: str | Path | None = None, bundle: DataBundl
         out = Path(out_dir) if out_dir else default_out_dir(cfg)
         metrics["adapter_bytes"] = write_run(out, cfg, metrics, result.history, model, bundle, info)
         if evaluate_test:
-            metrics["predictions"] = plugin.write_predictions(out, bundle, result.test_probs)
+            metrics["predictions"] = plugin.write_predictions(out, bundle, result.test_probs, options)
             from .calibration import write_run_files
 
             metrics["predictions"] += write_run_files(out, metrics, (bundle.train if folds else bundle.val).ids,
@@ -390,6 +395,8 @@ def write_run(out: Path, cfg: RunConfig, metrics: dict, history: list[dict], mod
         "task": bundle.task, "image_size": str(cfg.data.image_size), "mean": json.dumps(list(info.mean)),
         "std": json.dumps(list(info.std)), "medpeft_version": __version__,
         "prompt": cfg.train.prompt,  # a box-prompted model needs boxes at prediction time too
+        # what predict applies as the run did (detection: the validation-chosen score threshold)
+        "fitted_on_validation": json.dumps(metrics.get("fitted_on_validation") or {}),
         # the backbone weights trained on: load_run rebuilds the same backbone or refuses
         "pretrained": "true" if cfg.pretrained else "false",
     }

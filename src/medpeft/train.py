@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .augment import MixConfig, build_augment, check_augment, mix_batch
+from .augment import MixConfig, check_augment, mix_batch
 from .batching import BatchLoader
 from .data.base import DataBundle, ImageSet
 from .errors import ConfigError
@@ -348,7 +348,7 @@ def make_adamw(params, lr: float, weight_decay: float, device: torch.device, fus
 
 def prepare_training(model: nn.Module, bundle: DataBundle, mean, std, cfg: TrainConfig, lr: float,
                      with_test: bool = True) -> TrainingSetup:
-    get_task(bundle.task).check_model(model, {"prompt": cfg.prompt})  # before anything is moved or cached
+    get_task(bundle.task).check_model(model, {"prompt": cfg.prompt, "mix": cfg.mix})  # before anything is moved or cached
     device = resolve_device(cfg.device)
     amp_dtype = torch.bfloat16 if (cfg.amp and device.type == "cuda") else None
     model.to(device)
@@ -358,7 +358,7 @@ def prepare_training(model: nn.Module, bundle: DataBundle, mean, std, cfg: Train
     # one policy for every method (parity): the linear probe augments like the others unless
     # the user turns augmentation off, which is also what lets it cache features
     augment_name = cfg.augment if cfg.augment != "auto" else "light"
-    augment = build_augment(augment_name, cfg.augment_strength)
+    augment = get_task(bundle.task).build_augment(augment_name, cfg.augment_strength)
     mix = MixConfig(mode=cfg.mix)
     train_loader, val_loader, test_loader = make_loaders(bundle, mean, std, cfg, device, augment,
                                                          with_test=with_test, channels_last=channels_last)

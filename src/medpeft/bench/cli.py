@@ -85,8 +85,9 @@ def add_benchmark_parsers(sub) -> dict:
                    help="named experiment: quick (the README's main job, < 10 min on 2 CPU cores) or full")
     g = p.add_argument_group("grid")
     g.add_argument("--data", default=None, help="comma-separated data sets (MedMNIST names, folders, manifests)")
-    g.add_argument("--task", choices=("classification", "segmentation"), default=None,
-                   help="what the data's targets are: classification (default) or segmentation (masks)")
+    g.add_argument("--task", choices=("classification", "segmentation", "detection"), default=None,
+                   help="what the data's targets are: classification (default), segmentation (masks) or detection "
+                        "(boxes; a box file via --data-option boxes=FILE)")
     g.add_argument("--data-root", default=None, help="data root (default: $MEDPEFT_DATA)")
     g.add_argument("--medmnist-size", type=int, default=None, choices=(28, 64, 128, 224),
                    help="which MedMNIST file variant to read (default 28)")

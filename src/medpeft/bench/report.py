@@ -36,7 +36,7 @@ from .store import Store, export
 
 BASELINE = "full"  # the reference every method is compared with
 # never counted as PEFT: full fine-tuning, the linear probe and partial fine-tuning
-BASELINES = ("full", "linear", "decoder", "partial")
+BASELINES = ("full", "linear", "decoder", "head", "partial")
 
 
 def _baseline_names() -> str:
@@ -138,6 +138,8 @@ def final_runs(store: Store, metric: str):
             "params": row.get("params") or {}, "best_epoch": metrics.get("best_epoch"),
             "best_is_last": metrics.get("best_is_last"), "curve": metrics.get("curve"),
             "out_dir": metrics.get("out_dir"),
+            # detection: test sensitivity at 1/8 .. 8 false positives per image (the FROC points)
+            "froc_at": (metrics.get("test") or {}).get("froc_at"),
             # test ECE (after / before calibration) and Brier after; NaN for runs without calibration
             **{k: float("nan") if v is None else float(v) for k, v in _calibration(metrics).items()},
         })
@@ -426,6 +428,42 @@ def _curve_plots(runs, out: Path, monitor: str, lower_is_better: bool = False) -
             fig, ax, "optimizer step", f"validation {shown} (thin: seeds, thick: mean)",
             f"{label(data)} - {backbone} - fraction {fraction:g}: learning curves",
             out / _safe(f"{label(data)}_{backbone}_f{fraction:g}_learning_curves.png"), ncol=2)
+    return files
+
+
+def _froc_plots(runs, out: Path) -> dict:
+    """One PNG per (data, backbone, fraction) of runs that hold FROC points (detection): test
+    sensitivity vs false positives per image, the mean over seeds per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    files: dict = {}
+    if runs.empty or "froc_at" not in runs:
+        return files
+    for (data, backbone, fraction), cell in runs.groupby(["data", "backbone", "fraction"], sort=False):
+        curves: dict = {}
+        for method, points in zip(cell["method"], cell["froc_at"]):
+            if isinstance(points, dict) and points:
+                rates = sorted(points, key=float)
+                curves.setdefault(method, []).append(([float(r) for r in rates], [points[r] for r in rates]))
+        if not curves:
+            continue
+        out.mkdir(parents=True, exist_ok=True)
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for method, seeds in curves.items():
+            rates = seeds[0][0]
+            mean = np.nanmean([np.asarray(s, dtype=float) for _, s in seeds if len(s) == len(rates)], axis=0)
+            style = dict(linewidth=2.5, color="black") if method == BASELINE else {}
+            ax.plot(rates, mean, marker="o", label=f"{method} (n={len(seeds)})", **style)
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(0, 1.02)
+        files[(data, backbone, fraction)] = _finish(
+            fig, ax, "false positives per image (log scale)", "test sensitivity (mean over seeds)",
+            f"{label(data)} - {backbone} - fraction {fraction:g}: FROC",
+            out / _safe(f"{label(data)}_{backbone}_f{fraction:g}_froc.png"), ncol=2)
     return files
 
 
@@ -724,6 +762,9 @@ def _blocks(summary, cells, store: Store, plots: dict, metric: str, notes: list[
             if f in entry.get("cases", {}):
                 blocks.append(Block("img", text=f"best and worst test cases of the method chosen on validation at "
                                                 f"fraction {f:g} (its lowest seed)", path=entry["cases"][f]))
+            if f in entry.get("froc", {}):
+                blocks.append(Block("img", text=f"FROC at fraction {f:g}: test sensitivity at 1/8 .. 8 false "
+                                                "positives per image, mean over seeds", path=entry["froc"][f]))
             if f in entry.get("curves", {}):
                 blocks.append(Block("img", text=f"validation {monitor} vs optimizer step at fraction {f:g} "
                                                 "(learning curves)", path=entry["curves"][f]))
@@ -861,6 +902,8 @@ def build_report(out_dir: str | Path, metric: str | None = None, formats=("csv",
         for (data, backbone, fraction), path in _curve_plots(runs, report_dir / "plots", monitor,
                                                                  task.direction(monitor) == "min").items():
             plots.setdefault((data, backbone), {"pareto": {}}).setdefault("curves", {})[fraction] = path
+        for (data, backbone, fraction), path in _froc_plots(runs, report_dir / "plots").items():
+            plots.setdefault((data, backbone), {"pareto": {}}).setdefault("froc", {})[fraction] = path
         files, notes = export(store, report_dir, formats)
         if summary:
             columns = [k for k in summary[0] if k != "params"]
@@ -873,7 +916,7 @@ def build_report(out_dir: str | Path, metric: str | None = None, formats=("csv",
         html_path.write_text(to_html(blocks))
         plot_files = [p for entry in plots.values()
                       for p in [entry.get("fraction"), *entry["pareto"].values(), *entry.get("curves", {}).values(),
-                                *entry.get("cases", {}).values()] if p]
+                                *entry.get("cases", {}).values(), *entry.get("froc", {}).values()] if p]
         return {"dir": str(report_dir), "markdown": str(md_path), "html": str(html_path),
                 "plots": [str(p) for p in plot_files], "exports": [str(p) for p in files], "notes": notes,
                 "summary": summary, "cells": cells, "metric": metric, "margin": margin}

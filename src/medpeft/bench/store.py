@@ -276,6 +276,8 @@ def runs_frame(store: Store):
         rec["params"] = json.dumps(row["params"], sort_keys=True)
         for split in ("val", "test"):
             for name, m in (metrics.get(split) or {}).items():
+                if not isinstance(m, dict) or "value" not in m:  # counts, FROC points: not metrics
+                    continue
                 rec[f"{split}_{name}"] = m.get("value")
                 rec[f"{split}_{name}_low"] = m.get("low")
                 rec[f"{split}_{name}_high"] = m.get("high")

@@ -10,7 +10,7 @@ from typing import Literal
 
 import torch
 
-Task = Literal["binary", "multiclass", "multilabel", "segmentation"]
+Task = Literal["binary", "multiclass", "multilabel", "segmentation", "detection"]
 
 
 @dataclass
@@ -25,6 +25,8 @@ class ImageSet:
     groups: optional group per image (patient id hash, near-duplicate cluster) for leak-free splits.
     masks:  segmentation targets: uint8 [N, H, W] class index per pixel (0 = background), at the
             run's image size; None for classification.
+    boxes:  detection targets: float32 [N, M, 5] rows (x0, y0, x1, y1, label) in pixels of the
+            run's image size, NaN rows as padding (``data.detection``); None for other tasks.
     """
 
     images: torch.Tensor
@@ -32,6 +34,7 @@ class ImageSet:
     ids: list[str]
     groups: list[str] | None = None
     masks: torch.Tensor | None = None
+    boxes: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -45,6 +48,7 @@ class ImageSet:
             ids=[self.ids[i] for i in idx],
             groups=None if self.groups is None else [self.groups[i] for i in idx],
             masks=None if self.masks is None else self.masks[index],
+            boxes=None if self.boxes is None else self.boxes[index],
         )
 
 
@@ -77,7 +81,7 @@ class DataConfig:
     """What to load and how. Plain values only: this is written to the run's config YAML."""
 
     name: str = "breastmnist"  # a MedMNIST flag, a folder of class sub-folders, or a CSV manifest
-    task: str = "classification"  # classification | segmentation (images with masks)
+    task: str = "classification"  # classification | segmentation (images with masks) | detection (boxes)
     # segmentation: names of the mask values 0..K-1 (0 = background; a list or "a,b,c");
     # None: binary ["background", "lesion"]
     mask_classes: list[str] | None = None
@@ -95,6 +99,10 @@ class DataConfig:
     split_seed: int = 0  # seed of the train/val/test split when there is no official one
     val_ratio: float = 0.15
     test_ratio: float = 0.15
+    # detection: the box file (COCO or Kvasir JSON, or CSV path,x0,y0,x1,y1,label) inside the data
+    # folder; None: kavsir_bboxes.json if present, else one box per connected mask component
+    boxes: str | None = None
+    box_min_size: int = 10  # detection from masks: components of fewer pixels (speckle) give no box
     mask_pattern: str = "*_mask*"  # files excluded from image folders (BUSI masks)
     group_column: str | None = None  # manifest column with patient ids for grouped splits
     label_columns: list[str] | None = None  # manifest multi-label columns

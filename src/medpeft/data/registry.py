@@ -20,7 +20,7 @@ from medpeft.data.splits import (VAL_LABELS, apply_subset, assign_from_split_fil
 from medpeft.errors import ConfigError, DataError
 from medpeft.metrics import resolve_positive_class
 
-TASKS = ("classification", "segmentation")  # medpeft.tasks.TASKS (not imported here: it imports the data layer)
+TASKS = ("classification", "segmentation", "detection")  # medpeft.tasks.TASKS (not imported here: it imports the data layer)
 
 
 def _candidates(name: str, root: str | None) -> list[str]:
@@ -75,6 +75,8 @@ def check_data_config(cfg: DataConfig) -> None:
         raise ConfigError(f"audit {cfg.audit!r} is not one of warn, strict, off")
     check_ratios(cfg.val_ratio, cfg.test_ratio)
     check_subset_options(cfg.fraction, cfg.shots)
+    if isinstance(cfg.box_min_size, bool) or not isinstance(cfg.box_min_size, Integral) or cfg.box_min_size < 1:
+        raise ConfigError(f"box_min_size must be a whole number of pixels >= 1, got {cfg.box_min_size!r}")
     if cfg.val_labels not in VAL_LABELS:
         raise ConfigError(f"val_labels {cfg.val_labels!r} is not one of {', '.join(VAL_LABELS)} (follow: validation "
                           "subsampled like the training labels; full: every validation label)")
@@ -87,7 +89,11 @@ def check_source(cfg: DataConfig) -> str:
     and files exist. DataError/ConfigError naming the problem; returns the source kind."""
     check_data_config(cfg)
     kind, where = resolve_source(cfg)
-    if cfg.task == "segmentation":
+    if cfg.task == "detection":  # reading the box file checks every box and image file (no decoding)
+        from medpeft.data.detection import read_annotations
+
+        read_annotations(kind, where, cfg)
+    elif cfg.task == "segmentation":
         from medpeft.data import masks
 
         if kind == "medmnist":
@@ -132,6 +138,12 @@ def load_data(cfg: DataConfig) -> DataBundle:
         source = load_segmentation(kind, where, cfg)
         bundle = _split_bundle(source.name, "segmentation", source.class_names, source.pool, source.split, cfg)
         bundle.split_info.update(strata=source.strata_names, layout=source.layout)
+    elif cfg.task == "detection":  # images with boxes: data/detection.py reads them, the split is shared
+        from medpeft.data.detection import STRATA, load_detection
+
+        source = load_detection(kind, where, cfg)
+        bundle = _split_bundle(source.name, "detection", source.class_names, source.pool, source.split, cfg)
+        bundle.split_info.update(strata=list(STRATA), layout=source.layout, box_corrections=source.corrections)
     elif kind == "medmnist":
         bundle = load_medmnist(where, cfg)
         if cfg.split_file:

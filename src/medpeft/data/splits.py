@@ -133,8 +133,13 @@ def concat_sets(sets: Sequence[ImageSet]) -> ImageSet:
     if all(s.groups is not None for s in sets):
         groups = [g for s in sets for g in s.groups]
     masks = torch.cat([s.masks for s in sets]) if all(s.masks is not None for s in sets) else None
+    boxes = None
+    if all(s.boxes is not None for s in sets):  # padded to the longest box list
+        most = max(s.boxes.shape[1] for s in sets)
+        boxes = torch.cat([torch.nn.functional.pad(s.boxes, (0, 0, 0, most - s.boxes.shape[1]), value=float("nan"))
+                           for s in sets])
     return ImageSet(images=torch.cat([s.images for s in sets]), labels=torch.cat([s.labels for s in sets]),
-                    ids=[i for s in sets for i in s.ids], groups=groups, masks=masks)
+                    ids=[i for s in sets for i in s.ids], groups=groups, masks=masks, boxes=boxes)
 
 
 def split_info_for(kind: str, train: ImageSet, val: ImageSet, test: ImageSet, **extra) -> dict:

@@ -106,8 +106,8 @@ def parse_method(spec: str) -> list[str]:
         get_method(name)
     if len(set(names)) != len(names):
         raise ConfigError(f"method {spec!r} names a method twice")
-    if len(names) > 1 and any(n in names for n in ("full", "linear", "decoder")):
-        raise ConfigError(f"method {spec!r}: 'full', 'linear' and 'decoder' are baselines and cannot be combined")
+    if len(names) > 1 and any(n in names for n in ("full", "linear", "decoder", "head")):
+        raise ConfigError(f"method {spec!r}: 'full', 'linear', 'decoder' and 'head' are baselines and cannot be combined")
     return names
 
 

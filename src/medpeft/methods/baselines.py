@@ -33,3 +33,13 @@ def apply_linear(model: nn.Module, cfg) -> None:
 )
 def apply_decoder(model: nn.Module, cfg) -> None:
     """Nothing besides the head/decoder (which is always trained)."""
+
+
+@register_method(
+    "head", ("cnn", "vit"), description="the frozen backbone under a trained task head: for detection the "
+    "feature pyramid and detection head alone (the analogue of linear probing); otherwise the same as decoder",
+    search_space={},
+    default_lr=1e-3, mergeable=True, identity_at_init=True, reference="-",
+)
+def apply_head(model: nn.Module, cfg) -> None:
+    """Nothing besides the task head (which is always trained)."""

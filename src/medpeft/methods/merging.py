@@ -36,8 +36,17 @@ def merge_methods(model: nn.Module) -> nn.Module:
     if refused:
         raise ConfigError(f"method {refused[0]!r} cannot be merged into the backbone weights "
                           f"(it adds computation no weight can absorb); export it unmerged")
-    merge_layers(model)
+    merge_layers(methods_owner(model))
     model.medpeft_merged = True
+    return model
+
+
+def methods_owner(model: nn.Module) -> nn.Module:
+    """The module the methods were applied to (the paths their side modules name are relative to
+    it): the model itself, or the encoder inside a segmentation / detection model."""
+    for module in model.modules():
+        if "medpeft_methods" in vars(module):
+            return module
     return model
 
 

@@ -1,16 +1,18 @@
-"""Tasks: classification and segmentation, each one plug-in (``Task``) that run, train, the
+"""Tasks: classification, segmentation and detection, each one plug-in (``Task``) that run, train, the
 sweep and the report ask for targets, model head/decoder, loss, predictions and metrics."""
 from __future__ import annotations
 
 from ..errors import ConfigError
 from .base import Task
 from .classification import ClassificationTask
+from .detection import DetectionTask
 from .segmentation import SegmentationTask
 
-TASKS: dict[str, Task] = {"classification": ClassificationTask(), "segmentation": SegmentationTask()}
+TASKS: dict[str, Task] = {"classification": ClassificationTask(), "segmentation": SegmentationTask(),
+                          "detection": DetectionTask()}
 # the data layer's task kinds -> the task that handles them
 KIND_TO_TASK = {"binary": "classification", "multiclass": "classification", "multilabel": "classification",
-                "segmentation": "segmentation"}
+                "segmentation": "segmentation", "detection": "detection"}
 
 
 def get_task(name: str) -> Task:

@@ -80,6 +80,10 @@ class Task:
         """The part of the model the PEFT methods adapt (the backbone/encoder)."""
         return model
 
+    def finish_model(self, model: nn.Module) -> None:
+        """Called once the methods are applied (and the head made trainable): a last adjustment,
+        e.g. freezing backbone parts the task's model never uses."""
+
     def loss(self, bundle: DataBundle, options: dict) -> callable:
         raise NotImplementedError
 
@@ -95,9 +99,26 @@ class Task:
                         seed: int) -> dict:
         raise NotImplementedError
 
-    def write_predictions(self, out: Path, bundle: DataBundle, predictions: np.ndarray) -> list[str]:
+    def write_predictions(self, out: Path, bundle: DataBundle, predictions: np.ndarray, options: dict | None = None
+                          ) -> list[str]:
         """Write the test predictions into the run folder; returns the files written."""
         raise NotImplementedError
+
+    def build_augment(self, name: str, strength: float):
+        """The training augmentation of ``--augment`` for this task's targets (None: none)."""
+        from ..augment import build_augment
+
+        return build_augment(name, strength)
+
+    def fit_on_validation(self, targets: np.ndarray, predictions: np.ndarray, options: dict) -> dict:
+        """Settings fitted on the selection data after training and applied to the test predictions
+        (detection: the score threshold); merged into the options of ``metrics_with_ci``, recorded
+        in metrics.json and the adapter's metadata. Read on validation only, never on test."""
+        return {}
+
+    def predict_settings(self, metadata: dict, image_size: int) -> dict:
+        """Keyword arguments ``medpeft predict`` passes to ``write_user_predictions`` (from the adapter's metadata)."""
+        return {}
 
     def write_user_predictions(self, files: list[str], predictions: np.ndarray, class_names: list[str], kind: str,
                                out: str | None) -> str:

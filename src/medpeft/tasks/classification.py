@@ -85,7 +85,8 @@ class ClassificationTask(Task):
             raise ConfigError(f"--out {out}: cannot write it ({err.strerror})") from None
         return f"wrote {len(rows)} predictions to {out}"
 
-    def write_predictions(self, out: Path, bundle: DataBundle, predictions: np.ndarray) -> list[str]:
+    def write_predictions(self, out: Path, bundle: DataBundle, predictions: np.ndarray, options: dict | None = None
+                          ) -> list[str]:
         labels = bundle.test.labels.numpy()
         path = out / "test_predictions.csv"
         with open(path, "w", newline="") as fh:

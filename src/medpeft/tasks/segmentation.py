@@ -324,7 +324,8 @@ class SegmentationTask(Task):
             Image.fromarray(rgb.astype(np.uint8)).save(folder / f"{stem}_overlay.png")
         return f"wrote {len(files)} mask(s) and overlay(s) to {folder}"
 
-    def write_predictions(self, out: Path, bundle: DataBundle, predictions: np.ndarray) -> list[str]:
+    def write_predictions(self, out: Path, bundle: DataBundle, predictions: np.ndarray, options: dict | None = None
+                          ) -> list[str]:
         """Mask PNGs (class index per pixel, x 255 // (K - 1) so a binary mask is visible) and
         the per-image test metrics."""
         from PIL import Image
