@@ -407,3 +407,15 @@ def test_every_method_adapts_only_the_backbone_merges_and_round_trips(method, fa
         top = ~torch.isnan(expected[..., 4])
         assert torch.equal(top, ~torch.isnan(merged[..., 4]))
         assert torch.allclose(merged[top], expected[top], atol=1e-3)
+
+
+def test_export_merges_detection_weights_and_refuses_onnx_by_name(det_run, tmp_path):
+    pytest.importorskip("onnx")
+    _, _, out = det_run
+    assert main(["export", str(out), str(tmp_path / "merged.safetensors")]) == 0
+    from safetensors.torch import load_file
+
+    merged = load_file(str(tmp_path / "merged.safetensors"))
+    assert any(k.startswith("head.") for k in merged) and not any("lora_" in k for k in merged)
+    assert main(["export", str(out), str(tmp_path / "model.onnx")]) == 2
+    assert not (tmp_path / "model.onnx").exists()

@@ -125,6 +125,11 @@ def load_for_export(run, weights: str | None = None):
     from .run import load_run
 
     loaded = load_run(run, weights=weights, merge=False)
+    from .tasks import get_task
+
+    refusal = get_task(loaded.task).onnx_refusal  # checked before any export work
+    if refusal:
+        raise ConfigError(refusal)
     if loaded.metadata.get("prompt", "none") == "box":
         raise ConfigError("this run was trained with box prompts: its model needs a box per image, which the "
                           "exported graph (one image input) cannot take; export a run trained with --prompt none")

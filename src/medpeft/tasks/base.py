@@ -26,6 +26,7 @@ class Task:
     primary_metric: str = ""
     report_metrics: tuple[str, ...] = ()  # shown in the benchmark report beside the ranked metric
     fallback_metric: str = ""  # monitored when the primary is undefined on a validation set
+    onnx_refusal: str = ""  # why `medpeft export out.onnx` cannot export this task's model ("" = it can)
 
     # ------------------------------------------------------------------ metrics
 

@@ -297,6 +297,9 @@ class DetectionTask(Task):
     primary_metric = "map50"
     fallback_metric = "map50"
     report_metrics = ("map50", "map50_95", "recall", "froc")
+    onnx_refusal = ("ONNX export covers classification and segmentation: a detection run's graph ends in per-image "
+                    "box decoding and NMS with data-dependent output sizes; export the merged weights with an output "
+                    "ending in .safetensors and run the detector with medpeft")
 
     @property
     def metrics(self) -> dict:
