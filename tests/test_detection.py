@@ -419,3 +419,15 @@ def test_export_merges_detection_weights_and_refuses_onnx_by_name(det_run, tmp_p
     assert any(k.startswith("head.") for k in merged) and not any("lora_" in k for k in merged)
     assert main(["export", str(out), str(tmp_path / "model.onnx")]) == 2
     assert not (tmp_path / "model.onnx").exists()
+
+
+def test_detection_options_leave_older_store_keys_unchanged():
+    """Sweeps stored before detection existed resume without rerunning: the new data options are
+    left out of a run's config (hence its store key) at their defaults, and kept otherwise."""
+    plain = RunConfig(data=DataConfig(name="breastmnist"), backbone="tiny_cnn").to_dict()
+    assert "boxes" not in plain["data"] and "box_min_size" not in plain["data"]
+    custom = RunConfig(data=DataConfig(name="x", task="detection", boxes="coco.json", box_min_size=4)).to_dict()
+    assert custom["data"]["boxes"] == "coco.json" and custom["data"]["box_min_size"] == 4
+    back = RunConfig.from_dict(custom)
+    assert back.data.boxes == "coco.json" and back.data.box_min_size == 4
+    assert RunConfig.from_dict(plain).data.box_min_size == 10

@@ -62,13 +62,17 @@ class RunConfig:
             raise ConfigError(f"calibration {self.calibration!r} is not one of auto, off")
         parse_operating_point(self.operating_point)  # ConfigError for a malformed target
 
+    # options added after sweeps were stored: left out at their defaults, so the results-store keys
+    # of sweeps started before they existed stay valid (a resumed sweep reruns nothing)
+    LATER_OPTIONS = ((None, "calibration", "auto"), (None, "operating_point", None),
+                     ("data", "boxes", None), ("data", "box_min_size", 10))
+
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
-        # applied after training: left out at their defaults, so the results-store keys of sweeps
-        # started before these options existed stay valid (a resumed sweep reruns nothing)
-        for name, default in (("calibration", "auto"), ("operating_point", None)):
-            if out.get(name) == default:
-                out.pop(name)
+        for section, name, default in self.LATER_OPTIONS:
+            holder = out if section is None else out[section]
+            if holder.get(name, default) == default:
+                holder.pop(name, None)
         return out
 
     @classmethod
