@@ -185,6 +185,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-calibration", action="store_true",
                    help="skip Platt (binary) / temperature (multi-class) scaling fitted on validation (default: "
                         "fitted, reported before/after and applied by predict)")
+    g = run.add_argument_group("shift")
+    g.add_argument("--external-test", action="append", default=None, metavar="DATA",
+                   help="an external test set (folder, CSV manifest or MedMNIST name of the same task and label "
+                        "space; repeatable), evaluated once after the home test by the model chosen on home "
+                        "validation: metrics.json 'external'")
+    g.add_argument("--corruptions", default=None, metavar="SUITE",
+                   help="evaluate the test split under a corruption suite (ultrasound, xray, ct_mr, fundus, "
+                        "endoscopy, generic; MedMNIST-C's corruptions and severities): every corruption x 5 "
+                        "severities, metrics.json 'corruptions'")
     run.add_argument("--out", default=None, help="run folder (default: a new folder under runs/); must be new or "
                                                   "empty unless --overwrite (checked before training)")
     run.add_argument("--overwrite", action="store_true",
@@ -299,7 +308,8 @@ def run_config_from_args(args) -> "RunConfig":
     return RunConfig(data=data, train=train, backbone=args.backbone, weights=args.weights,
                      pretrained=not args.no_pretrained, method=args.method, method_options=options,
                      n_boot=args.n_boot, calibration="off" if args.no_calibration else "auto",
-                     operating_point=args.operating_point)
+                     operating_point=args.operating_point, external_test=list(args.external_test or []),
+                     corruptions=args.corruptions)
 
 
 def check_method_options(args, names: list[str]) -> None:

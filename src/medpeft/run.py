@@ -52,6 +52,12 @@ class RunConfig:
     # classification: auto (Platt / temperature scaling fitted on validation, see calibration.py) | off
     calibration: str = "auto"
     operating_point: str | None = None  # binary: "sensitivity=0.95" | "specificity=0.9" | "youden"
+    # data sources evaluated once after the home test by the model chosen on home validation
+    # (same task and label space; data/external.py)
+    external_test: list = field(default_factory=list)
+    # a corruption suite (corruptions.SUITES: ultrasound, xray, ct_mr, fundus, endoscopy, generic)
+    # applied to the test images after the clean test: every corruption x 5 severities
+    corruptions: str | None = None
 
     def __post_init__(self):
         if self.data.image_size is None:  # the default size, fitted to the backbone's patch grid
@@ -61,10 +67,20 @@ class RunConfig:
         if self.calibration not in ("auto", "off"):
             raise ConfigError(f"calibration {self.calibration!r} is not one of auto, off")
         parse_operating_point(self.operating_point)  # ConfigError for a malformed target
+        if isinstance(self.external_test, str):
+            self.external_test = [self.external_test]
+        if not isinstance(self.external_test, list) or not all(isinstance(s, str) and s for s in self.external_test):
+            raise ConfigError(f"external_test {self.external_test!r}: expected a list of data sources (folders, CSV "
+                              "manifests, MedMNIST names)")
+        if self.corruptions is not None:
+            from .corruptions import get_suite
+
+            get_suite(self.corruptions)  # ConfigError naming the suites
 
     # options added after sweeps were stored: left out at their defaults, so the results-store keys
     # of sweeps started before they existed stay valid (a resumed sweep reruns nothing)
-    LATER_OPTIONS = ((None, "calibration", "auto"), (None, "operating_point", None),
+    LATER_OPTIONS = ((None, "calibration", "auto"), (None, "operating_point", None), (None, "external_test", []),
+                     (None, "corruptions", None),
                      ("data", "boxes", None), ("data", "box_min_size", 10))
 
     def to_dict(self) -> dict:
@@ -232,6 +248,8 @@ def execute(cfg: RunConfig, out_dir: str | Path | None = None, bundle: DataBundl
     from .calibration import check_operating_point
 
     check_operating_point(cfg.operating_point, bundle.task, bundle.num_classes)  # before any training
+    if evaluate_test and cfg.external_test:
+        check_external_sources(cfg, bundle.class_names)  # names, files, classes, prompts: before training
     options = task_options(bundle, cfg.train)
     positive = _positive_index(bundle)
     lr = cfg.train.lr if cfg.train.lr is not None else get_method(parse_method(cfg.method)[0]).default_lr
@@ -299,6 +317,10 @@ def execute(cfg: RunConfig, out_dir: str | Path | None = None, bundle: DataBundl
 
         add_to_metrics(metrics, cfg, positive, selection_targets, result.val_probs,
                        plugin.targets(bundle.test).numpy(), result.test_probs)
+    if evaluate_test and cfg.external_test:  # after the home test, by the same chosen state, once
+        metrics["external"] = evaluate_external(cfg, model, bundle, info, plugin, options)
+    if evaluate_test and cfg.corruptions:  # the home test images corrupted, after the clean test
+        metrics["corruptions"] = evaluate_corruptions(cfg, model, bundle, info, plugin, options, metrics["test"])
     metrics["total_seconds"] = time.perf_counter() - started
     if save:
         out = Path(out_dir) if out_dir else default_out_dir(cfg)
@@ -311,6 +333,71 @@ def execute(cfg: RunConfig, out_dir: str | Path | None = None, bundle: DataBundl
                                                       selection_targets, result.val_probs)
         metrics["out_dir"] = str(out)
     return metrics
+
+
+def check_external_sources(cfg: RunConfig, class_names: list[str]) -> None:
+    """ConfigError / DataError before any training: duplicate names, a source that does not
+    exist or has no targets of the task, a class folder set other than the run's, a box-prompted
+    run (its model needs ground-truth boxes). The images are read only after training."""
+    from .data.external import check_external_names, check_folder_classes
+    from .data.registry import check_source
+
+    check_external_names(cfg.external_test)
+    if cfg.train.prompt != "none":
+        raise ConfigError("external test sets of a box-prompted run are not supported: its model needs a "
+                          "ground-truth box per image; evaluate an unprompted run")
+    for source in cfg.external_test:
+        external = dataclasses.replace(cfg.data, name=source, fraction=None, shots=None, split_file=None)
+        if check_source(external) == "folder" and cfg.data.task == "classification":
+            check_folder_classes(external, class_names)
+
+
+def evaluate_external(cfg: RunConfig, model, bundle: DataBundle, info, plugin, options: dict) -> dict:
+    """Each external set's metrics (value + CI, as the home test's) under the model chosen on home
+    validation, with its size and any conversion note; read only now, after training and testing."""
+    from .data.external import load_external
+    from .train import predict_images
+
+    out = {}
+    for source in cfg.external_test:
+        ext = load_external(cfg.data, source, bundle.class_names, bundle.in_channels)
+        predictions = predict_images(model, ext.images, info.mean, info.std, bundle.task, bundle.num_classes,
+                                     batch_size=cfg.train.eval_batch_size, device=cfg.train.device)
+        values = plugin.metrics_with_ci(plugin.targets(ext.images).numpy(), predictions, options, cfg.n_boot,
+                                        cfg.train.seed)
+        out[ext.name] = {**values, "n_images": len(ext.images), "notes": ext.notes}
+    return out
+
+
+def evaluate_corruptions(cfg: RunConfig, model, bundle: DataBundle, info, plugin, options: dict, clean: dict) -> dict:
+    """The task's metrics on the test split under every corruption of the suite at severities 1-5
+    (``corruptions.py``; drawn from the run seed, so methods at one seed see the same corrupted
+    images), with per-corruption means, the mean over all and the relative robustness
+    (corrupted / clean) of the primary metric."""
+    from .corruptions import SEVERITIES, corrupt, get_suite
+    from .train import predict_images
+
+    metric = plugin.primary_metric
+    targets = plugin.targets(bundle.test).numpy()
+    results, means = {}, {}
+    for name in get_suite(cfg.corruptions):
+        results[name] = {}
+        for severity in SEVERITIES:
+            images = corrupt(bundle.test.images, name, severity, cfg.corruptions, seed=cfg.train.seed)
+            test = dataclasses.replace(bundle.test, images=images)
+            predictions = predict_images(model, test, info.mean, info.std, bundle.task, bundle.num_classes,
+                                         batch_size=cfg.train.eval_batch_size, device=cfg.train.device)
+            values = plugin.metrics_with_ci(targets, predictions, options, cfg.n_boot, cfg.train.seed)
+            results[name][str(severity)] = {k: v for k, v in values.items() if isinstance(v, dict) and "value" in v}
+        means[name] = float(np.nanmean([results[name][str(s)][metric]["value"] for s in SEVERITIES]))
+    corrupted = float(np.nanmean(list(means.values())))
+    clean_value = float((clean.get(metric) or {}).get("value", float("nan")))
+    higher = plugin.direction(metric) == "max"
+    return {"suite": cfg.corruptions, "metric": metric, "clean": clean_value, "mean": corrupted,
+            # > 1 would mean better under corruption; for a lower-is-better metric clean / corrupted
+            "relative": (corrupted / clean_value if higher else clean_value / corrupted)
+            if clean_value and corrupted else float("nan"),
+            "per_corruption": means, "results": results}
 
 
 def _model_for(cfg: RunConfig, bundle: DataBundle):

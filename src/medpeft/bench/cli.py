@@ -41,6 +41,8 @@ experiment file (YAML; every key optional, unknown keys are errors):
   margin: 0.02                      # equivalence margin of the report's TOST (metric units)
   method_options: {lora_targets: qv}                         # fixed, not searched
   data_options: {val_ratio: 0.1, test_ratio: 0.1}            # any 'medpeft run' data option
+  external_test: [CVC-ClinicDB]     # evaluated once per final run after its home test
+  corruptions: ultrasound           # each final run's test split under a corruption suite
   n_boot: 1000
   keep_adapters: false
   out: results/
@@ -129,6 +131,12 @@ def add_benchmark_parsers(sub) -> dict:
                    help="fixed method option, e.g. --method-option lora_targets=qv (repeatable; not searched)")
     g.add_argument("--data-option", type=_kv, action="append", default=[], metavar="KEY=VALUE",
                    help="data option for every run, e.g. --data-option val_ratio=0.1 (repeatable)")
+    g.add_argument("--external-test", default=None, metavar="DATA[,DATA]",
+                   help="external test sets (same task and label space) every final run is evaluated on once, "
+                        "after its home test; the report adds an in-domain vs external table")
+    g.add_argument("--corruptions", default=None, metavar="SUITE",
+                   help="evaluate every final run's test split under a corruption suite (ultrasound, xray, ct_mr, "
+                        "fundus, endoscopy, generic); the report adds a robustness table and plot")
     g.add_argument("--n-boot", type=int, default=None, help="bootstrap resamples for the final runs' CIs")
     g.add_argument("--keep-adapters", action="store_true", default=None,
                    help="keep each final run's adapter.safetensors (default: keep only its size)")
@@ -196,7 +204,8 @@ def experiment_from_args(args):
         hpo_trials=args.hpo_trials, hpo_parallel=args.hpo_parallel, hpo_seed=args.hpo_seed,
         hpo_subsets=args.hpo_subsets, hpo_prune=args.hpo_prune, val_labels=args.val_labels, margin=args.margin,
         n_boot=args.n_boot, keep_adapters=args.keep_adapters, train=train or None,
-        method_options=dict(args.method_option) or None, data_options=dict(args.data_option) or None)
+        method_options=dict(args.method_option) or None, data_options=dict(args.data_option) or None,
+        external_test=args.external_test, corruptions=args.corruptions)
     for key in ("out", "executor", "address"):
         if getattr(args, key) is not None:
             run[key] = getattr(args, key)

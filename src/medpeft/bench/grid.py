@@ -27,7 +27,7 @@ HPO_KEYS = {"trials": "hpo_trials", "parallel": "hpo_parallel", "seed": "hpo_see
             "reduction_factor": "prune_reduction_factor", "trial_n_boot": "trial_n_boot"}
 TOP_KEYS = ("data", "data_root", "medmnist_size", "backbones", "methods", "fractions", "seeds", "image_size",
             "hpo", "train", "method_options", "n_boot", "keep_adapters", "val_labels", "margin", "task",
-            "data_options")
+            "data_options", "external_test", "corruptions")
 RUN_KEYS = ("out", "executor", "address")  # how to run it, not what: allowed in a YAML file too
 # TrainConfig fields a sweep sets itself per run
 TRAIN_RESERVED = ("seed",)
@@ -112,6 +112,10 @@ class Experiment:
     # DataConfig options shared by every run (split ratios and seed, mask classes, ...), e.g.
     # {val_ratio: 0.1, test_ratio: 0.1} for the literature's 80/10/10 split of Kvasir-SEG
     data_options: dict = field(default_factory=dict)
+    # external test sets every final run is evaluated on after its home test (never trials: selection
+    # and HPO see the home validation split only)
+    external_test: list = field(default_factory=list)
+    corruptions: str | None = None  # a corruption suite every final run's test split is evaluated under
     notes: list[str] = field(default_factory=list, compare=False)  # filled by validate()
 
     # ------------------------------------------------------------------ building
@@ -184,6 +188,20 @@ class Experiment:
         if not isinstance(self.hpo_prune, bool):
             raise ConfigError(f"{where}: hpo.prune must be true or false, got {self.hpo_prune!r}")
         self.hpo_subsets = _int(self.hpo_subsets, "hpo_subsets", where, 1)
+        if self.external_test:
+            from ..data.external import check_external_names
+
+            self.external_test = _names(self.external_test, "external_test", where)
+            check_external_names(self.external_test)
+        else:
+            self.external_test = []
+        if self.corruptions is not None:
+            from ..corruptions import get_suite
+
+            try:
+                get_suite(self.corruptions)
+            except ConfigError as err:
+                raise ConfigError(f"{where}: {err}") from None
         from ..tasks import TASKS
 
         if self.task not in TASKS:
@@ -289,7 +307,7 @@ class Experiment:
         from ..data.registry import check_source
         from ..errors import DataError
 
-        for name in self.data:
+        for name in [*self.data, *self.external_test]:  # external test sets: checked the same way
             try:
                 cfg = DataConfig(name=name, root=self.data_root, task=self.task, **self.data_options)
                 # option values (ratios, names) and the data itself - the MedMNIST file, the class folders,

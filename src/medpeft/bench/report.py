@@ -140,6 +140,13 @@ def final_runs(store: Store, metric: str):
             "out_dir": metrics.get("out_dir"),
             # detection: test sensitivity at 1/8 .. 8 false positives per image (the FROC points)
             "froc_at": (metrics.get("test") or {}).get("froc_at"),
+            # the corruption suite's summary (primary metric): mean corrupted, relative, per corruption
+            "corruptions": {k: (metrics.get("corruptions") or {}).get(k) for k in ("suite", "metric", "clean", "mean",
+                                                                                   "relative", "per_corruption")}
+            if metrics.get("corruptions") else None,
+            # the metric on each external test set (evaluated once, after the home test)
+            "external": {name: (values.get(metric) or {}).get("value")
+                         for name, values in (metrics.get("external") or {}).items()},
             # test ECE (after / before calibration) and Brier after; NaN for runs without calibration
             **{k: float("nan") if v is None else float(v) for k, v in _calibration(metrics).items()},
         })
@@ -431,6 +438,102 @@ def _curve_plots(runs, out: Path, monitor: str, lower_is_better: bool = False) -
     return files
 
 
+SHIFT_HEADER = ["data", "backbone", "fraction", "method", "external set", "seeds", "in-domain test mean",
+                "external mean", "drop (external - in-domain) [95% CI]", "external / in-domain"]
+
+
+def shift_rows(runs, metric: str) -> list[list[str]]:
+    """Per cell, method and external set: the in-domain and external test means over seeds and the
+    paired drop (external minus in-domain on the same runs) with its Student-t 95 % CI."""
+    from ..stats import mean_std_ci
+
+    rows = []
+    if runs.empty or "external" not in runs:
+        return rows
+    for (data, backbone, fraction, method), cell in runs.groupby(["data", "backbone", "fraction", "method"],
+                                                                 sort=False):
+        names = sorted({n for ext in cell["external"] if isinstance(ext, dict) for n in ext})
+        for name in names:
+            pairs = [(v, ext.get(name)) for v, ext in zip(cell["value"], cell["external"])
+                     if isinstance(ext, dict) and ext.get(name) is not None and v == v]
+            if not pairs:
+                continue
+            home = [p[0] for p in pairs]
+            away = [float(p[1]) for p in pairs]
+            drop = mean_std_ci([b - a for a, b in pairs])
+            ratio = sum(away) / sum(home) if sum(home) else float("nan")
+            rows.append([label(data), backbone, f"{fraction:g}", method, name, str(len(pairs)),
+                         _num(sum(home) / len(home)), _num(sum(away) / len(away)),
+                         f"{drop['mean']:+.4f} [{_num(drop['low'])}, {_num(drop['high'])}]", _num(ratio, 3)])
+    return rows
+
+
+ROBUSTNESS_HEADER = ["data", "backbone", "fraction", "method", "seeds", "clean test mean (suite metric)", "corrupted mean",
+                     "relative robustness [95% CI]", "worst corruption (mean)"]
+
+
+def _robust_cells(runs):
+    if runs.empty or "corruptions" not in runs:
+        return []
+    out = []
+    for key, cell in runs.groupby(["data", "backbone", "fraction", "method"], sort=False):
+        # (clean value of the suite's metric, the run's corruption summary)
+        entries = [(c["clean"], c) for c in cell["corruptions"] if isinstance(c, dict) and c.get("clean") is not None]
+        if entries:
+            out.append((key, entries))
+    return out
+
+
+def robustness_rows(runs) -> list[list[str]]:
+    """Per cell and method: clean and corrupted test means over seeds, the relative robustness
+    (corrupted / clean of the suite's primary metric) with its Student-t 95 % CI over seeds, and
+    the corruption with the lowest mean."""
+    from ..stats import mean_std_ci
+
+    rows = []
+    for (data, backbone, fraction, method), entries in _robust_cells(runs):
+        relative = mean_std_ci([c["relative"] for _, c in entries])
+        per = {}
+        for _, c in entries:
+            for name, value in (c.get("per_corruption") or {}).items():
+                per.setdefault(name, []).append(value)
+        worst = min(per, key=lambda n: sum(per[n]) / len(per[n])) if per else None
+        rows.append([label(data), backbone, f"{fraction:g}", method, str(len(entries)),
+                     _num(sum(v for v, _ in entries) / len(entries)),
+                     _num(sum(c["mean"] for _, c in entries) / len(entries)),
+                     f"{_num(relative['mean'], 3)} [{_num(relative['low'], 3)}, {_num(relative['high'], 3)}]",
+                     f"{worst} ({_num(sum(per[worst]) / len(per[worst]))})" if worst else "-"])
+    return rows
+
+
+def _robustness_plots(runs, out: Path, metric: str) -> dict:
+    """One PNG per (data, backbone, fraction): relative robustness vs clean test metric per method
+    (means over seeds, bars: std)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    files, groups = {}, {}
+    for (data, backbone, fraction, method), entries in _robust_cells(runs):
+        groups.setdefault((data, backbone, fraction), []).append((method, entries))
+    for (data, backbone, fraction), methods in groups.items():
+        out.mkdir(parents=True, exist_ok=True)
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for method, entries in methods:
+            clean = np.array([v for v, _ in entries], dtype=float)
+            rel = np.array([c["relative"] for _, c in entries], dtype=float)
+            style = dict(color="black") if method == BASELINE else {}
+            ax.errorbar(clean.mean(), rel.mean(), xerr=clean.std(ddof=1) if len(clean) > 1 else 0,
+                        yerr=rel.std(ddof=1) if len(rel) > 1 else 0, marker="o", capsize=3, label=method, **style)
+        files[(data, backbone, fraction)] = _finish(
+            fig, ax, f"clean test {metric} (mean over seeds)", "relative robustness (corrupted / clean)",
+            f"{label(data)} - {backbone} - fraction {fraction:g}: robustness vs accuracy",
+            out / _safe(f"{label(data)}_{backbone}_f{fraction:g}_robustness.png"), ncol=2)
+    return files
+
+
 def _froc_plots(runs, out: Path) -> dict:
     """One PNG per (data, backbone, fraction) of runs that hold FROC points (detection): test
     sensitivity vs false positives per image, the mean over seeds per method."""
@@ -640,7 +743,8 @@ def _trial_counts(trials: list[dict]) -> str:
 
 
 def _blocks(summary, cells, store: Store, plots: dict, metric: str, notes: list[str], margin: float,
-            n_runs: int, lower_val_is_better: bool = False) -> list[Block]:
+            n_runs: int, lower_val_is_better: bool = False, shift: list | None = None,
+            robustness: list | None = None) -> list[Block]:
     experiment = store.get_meta("experiment")
     monitor = experiment_task(experiment).resolve_monitor(((experiment or {}).get("train") or {}).get("monitor", "auto"))
     sweep_notes = store.get_meta("notes") or []
@@ -677,6 +781,20 @@ def _blocks(summary, cells, store: Store, plots: dict, metric: str, notes: list[
         blocks.append(Block("h2", "Calibration: PEFT vs full fine-tuning"))
         blocks.append(Block("p", sentence))
         blocks.append(Block("table", header=CALIBRATION_TABLE_HEADER, rows=calibration_rows))
+    if shift:  # external test sets: evaluated once per final run, after its home test; never used to choose
+        blocks.append(Block("h2", "Shift: in-domain vs external test sets"))
+        blocks.append(Block("p", f"Test {metric} on the home test split and on each external set, by the same "
+                                 f"models (chosen on home validation); drop = external minus in-domain on the same "
+                                 f"runs, mean over seeds with its Student-t 95% CI."))
+        blocks.append(Block("table", header=SHIFT_HEADER, rows=shift))
+    if robustness:  # the home test split under a corruption suite; never used to choose
+        suite = (experiment or {}).get("corruptions") or "the suite"
+        blocks.append(Block("h2", "Robustness: the test split under corruptions"))
+        blocks.append(Block("p", f"Every corruption of the {suite} suite (MedMNIST-C's definitions and severities) at "
+                                 f"severities 1-5 on the home test images; corrupted mean = mean over corruptions and "
+                                 f"severities; relative robustness = corrupted / clean of the same run, mean over "
+                                 f"seeds with its Student-t 95% CI."))
+        blocks.append(Block("table", header=ROBUSTNESS_HEADER, rows=robustness))
     info = {(c["data"], c["backbone"], c["fraction"]): c for c in cells}
     pairs = list(dict.fromkeys((r["data"], r["backbone"]) for r in summary))
     trials = store.rows(kind="trial")
@@ -762,6 +880,9 @@ def _blocks(summary, cells, store: Store, plots: dict, metric: str, notes: list[
             if f in entry.get("cases", {}):
                 blocks.append(Block("img", text=f"best and worst test cases of the method chosen on validation at "
                                                 f"fraction {f:g} (its lowest seed)", path=entry["cases"][f]))
+            if f in entry.get("robustness", {}):
+                blocks.append(Block("img", text=f"relative robustness vs clean test {metric} at fraction {f:g}",
+                                    path=entry["robustness"][f]))
             if f in entry.get("froc", {}):
                 blocks.append(Block("img", text=f"FROC at fraction {f:g}: test sensitivity at 1/8 .. 8 false "
                                                 "positives per image, mean over seeds", path=entry["froc"][f]))
@@ -904,19 +1025,23 @@ def build_report(out_dir: str | Path, metric: str | None = None, formats=("csv",
             plots.setdefault((data, backbone), {"pareto": {}}).setdefault("curves", {})[fraction] = path
         for (data, backbone, fraction), path in _froc_plots(runs, report_dir / "plots").items():
             plots.setdefault((data, backbone), {"pareto": {}}).setdefault("froc", {})[fraction] = path
+        for (data, backbone, fraction), path in _robustness_plots(runs, report_dir / "plots", metric).items():
+            plots.setdefault((data, backbone), {"pareto": {}}).setdefault("robustness", {})[fraction] = path
         files, notes = export(store, report_dir, formats)
         if summary:
             columns = [k for k in summary[0] if k != "params"]
             pd.DataFrame([{k: _csv_value(r[k]) for k in columns} for r in summary]).to_csv(
                 report_dir / "summary.csv", index=False)
         blocks = _blocks(summary, cells, store, plots, metric, notes, margin, len(runs),
-                         task.direction(monitor) == "min")
+                         task.direction(monitor) == "min", shift=shift_rows(runs, metric),
+                         robustness=robustness_rows(runs))
         md_path, html_path = report_dir / "report.md", report_dir / "report.html"
         md_path.write_text(to_markdown(blocks, report_dir))
         html_path.write_text(to_html(blocks))
         plot_files = [p for entry in plots.values()
                       for p in [entry.get("fraction"), *entry["pareto"].values(), *entry.get("curves", {}).values(),
-                                *entry.get("cases", {}).values(), *entry.get("froc", {}).values()] if p]
+                                *entry.get("cases", {}).values(), *entry.get("froc", {}).values(),
+                                *entry.get("robustness", {}).values()] if p]
         return {"dir": str(report_dir), "markdown": str(md_path), "html": str(html_path),
                 "plots": [str(p) for p in plot_files], "exports": [str(p) for p in files], "notes": notes,
                 "summary": summary, "cells": cells, "metric": metric, "margin": margin}

@@ -281,6 +281,10 @@ def runs_frame(store: Store):
                 rec[f"{split}_{name}"] = m.get("value")
                 rec[f"{split}_{name}_low"] = m.get("low")
                 rec[f"{split}_{name}_high"] = m.get("high")
+        for source, values in (metrics.get("external") or {}).items():  # external test sets (after the home test)
+            for name, m in values.items():
+                if isinstance(m, dict) and "value" in m:
+                    rec[f"external_{source}_{name}"] = m.get("value")
         params = metrics.get("params") or {}
         rec.update(trainable=params.get("trainable"), total_params=params.get("total"),
                    trainable_pct=params.get("trainable_pct"), train_seconds=metrics.get("train_seconds"),

@@ -93,7 +93,8 @@ class Sweep:
         fixed |= {k for k in ("lr", "weight_decay") if self.exp.train.get(k) is not None}
         return fixed
 
-    def run_config(self, cell: Cell, seed: int, params: dict, n_boot: int, subset_seed: int | None = None) -> dict:
+    def run_config(self, cell: Cell, seed: int, params: dict, n_boot: int, subset_seed: int | None = None,
+                   final: bool = False) -> dict:
         from ..methods import parse_method
 
         train_params, knobs = split_params(params)
@@ -108,7 +109,10 @@ class Sweep:
                           task=self.exp.task, **self.exp.data_options)
         train = TrainConfig(**{**self.exp.train, **train_params, "seed": seed})
         cfg = RunConfig(data=data, train=train, backbone=cell.backbone, method=cell.method,
-                        method_options=options, n_boot=n_boot)
+                        method_options=options, n_boot=n_boot,
+                        # trials never test: their configs (and store keys) leave external sets out
+                        external_test=list(self.exp.external_test) if final else [],
+                        corruptions=self.exp.corruptions if final else None)
         return cfg.to_dict()
 
     def _cell_dict(self, cell: Cell) -> dict:
@@ -140,7 +144,7 @@ class Sweep:
         return seeds
 
     def final_job(self, state: CellState, seed: int) -> dict:
-        config = self.run_config(state.cell, seed, state.chosen, self.exp.n_boot)
+        config = self.run_config(state.cell, seed, state.chosen, self.exp.n_boot, final=True)
         key = config_key("final", config)
         safe = re.sub(r"[^A-Za-z0-9_.+-]+", "_", f"{Path(state.cell.data).name}-{state.cell.backbone}-{state.cell.method}"
                       f"-f{state.cell.fraction:g}-s{seed}")
