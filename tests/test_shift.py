@@ -160,3 +160,49 @@ def test_sweep_evaluates_finals_only_and_reports_the_drop(home, away, tmp_path):
     assert f"| {home_mean:.4f} | {np.mean(away_vals):.4f} | {np.mean(away_vals) - home_mean:+.4f} [" in line
     csv = (tmp_path / "sweep" / "report" / "runs.csv").read_text().splitlines()[0]
     assert "external_hospital_b_auroc" in csv
+
+
+# ---------------------------------------------------------------------- style alignment
+
+
+def test_histogram_matching_gives_the_target_the_source_histogram():
+    from medpeft.align import SourceStyle, match_histograms
+
+    rng = np.random.default_rng(0)
+    source = torch.from_numpy(rng.integers(100, 200, (6, 1, 32, 32)).astype(np.uint8))  # levels 100..199
+    target = torch.from_numpy(rng.integers(0, 50, (2, 1, 32, 32)).astype(np.uint8))  # a darker scanner: 0..49
+    style = SourceStyle.from_images(source)
+    matched = match_histograms(target, style)
+    for image in matched:
+        cdf = np.cumsum(np.bincount(image.numpy().ravel(), minlength=256)) / image.numel()
+        assert np.abs(cdf - style.cdf[0]).max() < 0.03  # the source CDF, up to one grey level's share
+        assert 98 <= int(image.min()) and int(image.max()) <= 200
+    # order is kept: a brighter target pixel never maps below a darker one
+    flat_t, flat_m = target[0, 0].flatten().numpy(), matched[0, 0].flatten().numpy()
+    order = np.argsort(flat_t, kind="stable")
+    assert np.all(np.diff(flat_m[order].astype(int)) >= 0)
+
+
+def test_fda_swaps_the_low_frequency_amplitude_and_keeps_the_phase():
+    from medpeft.align import SourceStyle, fda
+
+    rng = np.random.default_rng(1)
+    source = torch.from_numpy(rng.integers(150, 220, (4, 1, 32, 32)).astype(np.uint8))
+    target = torch.from_numpy(rng.integers(20, 90, (2, 1, 32, 32)).astype(np.uint8))
+    style = SourceStyle.from_images(source)
+    out = fda(target, style, beta=0.05)
+    # the DC term (mean brightness) now is the source's; high frequencies (the content) are the target's
+    assert abs(out.float().mean() - source.float().mean()) < 3
+    high = lambda x: x.float() - torch.nn.functional.avg_pool2d(x.float(), 5, 1, 2)  # noqa: E731
+    assert torch.corrcoef(torch.stack([high(out).flatten(), high(target).flatten()]))[0, 1] > 0.8
+
+
+def test_aligned_external_evaluations_sit_beside_the_raw_one(home, away):
+    metrics = execute(RunConfig.from_dict({**config(home, [away]).to_dict(), "align": ["histogram", "fda"]}),
+                      save=False)
+    assert set(metrics["external"]) == {"hospital_b", "hospital_b+histogram", "hospital_b+fda"}
+    assert metrics["external"]["hospital_b+fda"]["aligned"] == "fda"
+    with pytest.raises(ConfigError, match="give --external-test too"):
+        RunConfig(align=["histogram"])
+    with pytest.raises(ConfigError, match="align 'cyclegan' is not one of histogram, fda"):
+        RunConfig(align=["cyclegan"], external_test=["x"])

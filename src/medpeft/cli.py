@@ -190,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an external test set (folder, CSV manifest or MedMNIST name of the same task and label "
                         "space; repeatable), evaluated once after the home test by the model chosen on home "
                         "validation: metrics.json 'external'")
+    g.add_argument("--align", default=None, metavar="METHOD[,METHOD]",
+                   help="also evaluate each external set aligned to the home training images at test time: "
+                        "histogram (matching) and/or fda (Fourier amplitude swap); recorded as <name>+<method>")
     g.add_argument("--corruptions", default=None, metavar="SUITE",
                    help="evaluate the test split under a corruption suite (ultrasound, xray, ct_mr, fundus, "
                         "endoscopy, generic; MedMNIST-C's corruptions and severities): every corruption x 5 "
@@ -309,7 +312,7 @@ def run_config_from_args(args) -> "RunConfig":
                      pretrained=not args.no_pretrained, method=args.method, method_options=options,
                      n_boot=args.n_boot, calibration="off" if args.no_calibration else "auto",
                      operating_point=args.operating_point, external_test=list(args.external_test or []),
-                     corruptions=args.corruptions)
+                     corruptions=args.corruptions, align=args.align or [])
 
 
 def check_method_options(args, names: list[str]) -> None:

@@ -58,6 +58,9 @@ class RunConfig:
     # a corruption suite (corruptions.SUITES: ultrasound, xray, ct_mr, fundus, endoscopy, generic)
     # applied to the test images after the clean test: every corruption x 5 severities
     corruptions: str | None = None
+    # training-free style alignment of each external set to the home training images (align.py):
+    # each listed method adds an aligned evaluation "<name>+<method>" beside the raw one
+    align: list = field(default_factory=list)
 
     def __post_init__(self):
         if self.data.image_size is None:  # the default size, fitted to the backbone's patch grid
@@ -72,6 +75,15 @@ class RunConfig:
         if not isinstance(self.external_test, list) or not all(isinstance(s, str) and s for s in self.external_test):
             raise ConfigError(f"external_test {self.external_test!r}: expected a list of data sources (folders, CSV "
                               "manifests, MedMNIST names)")
+        if isinstance(self.align, str):
+            self.align = [a.strip() for a in self.align.split(",") if a.strip()]
+        from .align import ALIGNMENTS
+
+        unknown = [a for a in self.align if a not in ALIGNMENTS]
+        if unknown:
+            raise ConfigError(f"align {unknown[0]!r} is not one of {', '.join(ALIGNMENTS)}")
+        if self.align and not self.external_test:
+            raise ConfigError("align aligns external test sets to the home training images: give --external-test too")
         if self.corruptions is not None:
             from .corruptions import get_suite
 
@@ -80,7 +92,7 @@ class RunConfig:
     # options added after sweeps were stored: left out at their defaults, so the results-store keys
     # of sweeps started before they existed stay valid (a resumed sweep reruns nothing)
     LATER_OPTIONS = ((None, "calibration", "auto"), (None, "operating_point", None), (None, "external_test", []),
-                     (None, "corruptions", None),
+                     (None, "corruptions", None), (None, "align", []),
                      ("data", "boxes", None), ("data", "box_min_size", 10))
 
     def to_dict(self) -> dict:
@@ -355,17 +367,24 @@ def check_external_sources(cfg: RunConfig, class_names: list[str]) -> None:
 def evaluate_external(cfg: RunConfig, model, bundle: DataBundle, info, plugin, options: dict) -> dict:
     """Each external set's metrics (value + CI, as the home test's) under the model chosen on home
     validation, with its size and any conversion note; read only now, after training and testing."""
+    from .align import SourceStyle, align
     from .data.external import load_external
     from .train import predict_images
 
+    def scored(images):
+        predictions = predict_images(model, images, info.mean, info.std, bundle.task, bundle.num_classes,
+                                     batch_size=cfg.train.eval_batch_size, device=cfg.train.device)
+        return plugin.metrics_with_ci(plugin.targets(images).numpy(), predictions, options, cfg.n_boot, cfg.train.seed)
+
+    style = SourceStyle.from_images(bundle.train.images) if cfg.align else None  # the home training images
     out = {}
     for source in cfg.external_test:
         ext = load_external(cfg.data, source, bundle.class_names, bundle.in_channels)
-        predictions = predict_images(model, ext.images, info.mean, info.std, bundle.task, bundle.num_classes,
-                                     batch_size=cfg.train.eval_batch_size, device=cfg.train.device)
-        values = plugin.metrics_with_ci(plugin.targets(ext.images).numpy(), predictions, options, cfg.n_boot,
-                                        cfg.train.seed)
-        out[ext.name] = {**values, "n_images": len(ext.images), "notes": ext.notes}
+        out[ext.name] = {**scored(ext.images), "n_images": len(ext.images), "notes": ext.notes}
+        for method in cfg.align:
+            aligned = dataclasses.replace(ext.images, images=align(ext.images.images, method, style))
+            out[f"{ext.name}+{method}"] = {**scored(aligned), "n_images": len(ext.images), "notes": ext.notes,
+                                          "aligned": method}
     return out
 
 

@@ -27,7 +27,7 @@ HPO_KEYS = {"trials": "hpo_trials", "parallel": "hpo_parallel", "seed": "hpo_see
             "reduction_factor": "prune_reduction_factor", "trial_n_boot": "trial_n_boot"}
 TOP_KEYS = ("data", "data_root", "medmnist_size", "backbones", "methods", "fractions", "seeds", "image_size",
             "hpo", "train", "method_options", "n_boot", "keep_adapters", "val_labels", "margin", "task",
-            "data_options", "external_test", "corruptions")
+            "data_options", "external_test", "corruptions", "align")
 RUN_KEYS = ("out", "executor", "address")  # how to run it, not what: allowed in a YAML file too
 # TrainConfig fields a sweep sets itself per run
 TRAIN_RESERVED = ("seed",)
@@ -116,6 +116,7 @@ class Experiment:
     # and HPO see the home validation split only)
     external_test: list = field(default_factory=list)
     corruptions: str | None = None  # a corruption suite every final run's test split is evaluated under
+    align: list = field(default_factory=list)  # style alignments of the external sets (align.ALIGNMENTS)
     notes: list[str] = field(default_factory=list, compare=False)  # filled by validate()
 
     # ------------------------------------------------------------------ building
@@ -195,6 +196,12 @@ class Experiment:
             check_external_names(self.external_test)
         else:
             self.external_test = []
+        self.align = _names(self.align, "align", where) if self.align else []
+        from ..align import ALIGNMENTS
+
+        if any(a not in ALIGNMENTS for a in self.align) or (self.align and not self.external_test):
+            raise ConfigError(f"{where}: align {self.align!r}: expected some of {', '.join(ALIGNMENTS)}, with "
+                              "external_test sets to align")
         if self.corruptions is not None:
             from ..corruptions import get_suite
 

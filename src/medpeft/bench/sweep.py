@@ -112,7 +112,8 @@ class Sweep:
                         method_options=options, n_boot=n_boot,
                         # trials never test: their configs (and store keys) leave external sets out
                         external_test=list(self.exp.external_test) if final else [],
-                        corruptions=self.exp.corruptions if final else None)
+                        corruptions=self.exp.corruptions if final else None,
+                        align=list(self.exp.align) if final else [])
         return cfg.to_dict()
 
     def _cell_dict(self, cell: Cell) -> dict:
