@@ -206,3 +206,53 @@ def test_aligned_external_evaluations_sit_beside_the_raw_one(home, away):
         RunConfig(align=["histogram"])
     with pytest.raises(ConfigError, match="align 'cyclegan' is not one of histogram, fda"):
         RunConfig(align=["cyclegan"], external_test=["x"])
+
+
+# ---------------------------------------------------------------------- DANN
+
+
+def test_gradient_reversal_flips_the_gradient_exactly():
+    from medpeft.adapt import grad_reverse, reversal_coefficient
+
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(4, 3, dtype=torch.float64)
+    (grad_reverse(x, 0.7) * weights).sum().backward()
+    assert torch.equal(x.grad, -0.7 * weights)  # forward identity, backward -coeff x the gradient
+    assert torch.equal(grad_reverse(x, 0.7), x)
+    # the autograd Jacobian is -coeff times the forward's (numerical) Jacobian, the identity
+    jacobian = torch.autograd.functional.jacobian(lambda t: grad_reverse(t, 0.7), x.detach())
+    assert torch.equal(jacobian, -0.7 * torch.eye(12, dtype=torch.float64).view(4, 3, 4, 3))
+    assert reversal_coefficient(0.0) == 0.0 and reversal_coefficient(1.0) == pytest.approx(0.99991, abs=1e-5)
+
+
+def test_dann_run_adapts_the_backbone_and_leaves_no_hook(home, away, tmp_path):
+    cfg = RunConfig.from_dict({**config(home, [away]).to_dict(),
+                               "train": {**config(home, []).to_dict()["train"], "adapt": "dann",
+                                         "target_unlabelled": str(away)}})
+    out = tmp_path / "run"
+    metrics = execute(cfg, out_dir=out)
+    assert metrics["adapt"] == {"method": "dann", "target": "hospital_b", "n_target_images": 24, "weight": 1.0}
+    history = (out / "history.csv").read_text().splitlines()
+    assert "domain_loss" in history[0]
+    execute(config(home, [away]), out_dir=tmp_path / "plain")
+    adapted = (out / "test_predictions.csv").read_text()
+    assert adapted != (tmp_path / "plain" / "test_predictions.csv").read_text()  # the adaptation changed the model
+    from medpeft.run import load_run
+
+    loaded = load_run(out)
+    hooks = [m for m in loaded.model.modules() if m._forward_hooks]
+    assert not hooks  # the domain classifier's feature hook is gone: the saved model merges and exports
+    saved = (out / "config.yaml").read_text()
+    assert "target_unlabelled" in saved and str(tmp_path) not in saved  # no absolute path recorded
+
+
+def test_dann_inputs_are_checked_before_training(home, tmp_path):
+    with pytest.raises(ConfigError, match="adapt dann needs target_unlabelled"):
+        TrainConfig(adapt="dann")
+    (tmp_path / "empty").mkdir()
+    cfg = config(home, [])
+    cfg.train = TrainConfig(epochs=1, adapt="dann", target_unlabelled=str(tmp_path / "empty"))
+    from medpeft.errors import DataError
+
+    with pytest.raises(DataError, match="holds no images"):
+        execute(cfg, save=False)

@@ -141,6 +141,12 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                         "artefact | a list like 'flip,rotation=0.5,speckle'")
     g.add_argument("--augment-strength", type=float, default=1.0, help="scales every augmentation magnitude")
     g.add_argument("--mix", default="none", help="none | mixup | cutmix | mixup+cutmix (soft targets)")
+    g.add_argument("--adapt", default="none", choices=("none", "dann"),
+                   help="unsupervised domain adaptation: dann (a domain classifier behind gradient reversal on the "
+                        "backbone features the method adapts), with --target-unlabelled")
+    g.add_argument("--target-unlabelled", default=None, metavar="DIR",
+                   help="a folder of unlabelled images of the target domain (another centre) for --adapt dann")
+    g.add_argument("--adapt-weight", type=float, default=1.0, help="weight of the DANN domain loss (default 1)")
     g.add_argument("--cache-features", default="auto",
                    help="auto | on | off: compute the frozen front of the network once per split (linear probing: "
                         "the features; partial: the frozen blocks' output); needs --augment none")
@@ -297,7 +303,8 @@ def run_config_from_args(args) -> "RunConfig":
         warmup_epochs=args.warmup_epochs, patience=args.patience, monitor=args.monitor, seg_loss=args.seg_loss, prompt=args.prompt,
         nsd_tolerance=args.nsd_tolerance,
         class_weighted=args.class_weighted, grad_clip=args.grad_clip or None, augment=args.augment,
-        augment_strength=args.augment_strength, mix=args.mix,
+        augment_strength=args.augment_strength, mix=args.mix, adapt=args.adapt,
+        target_unlabelled=args.target_unlabelled, adapt_weight=args.adapt_weight,
         cache_features=args.cache_features, device=args.device, amp=not args.no_amp, seed=args.seed,
         threads=args.threads, max_minutes=args.max_minutes, compile=args.compile,
         channels_last=args.channels_last, fused_adamw=not args.no_fused_adamw,

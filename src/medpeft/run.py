@@ -92,7 +92,8 @@ class RunConfig:
     # options added after sweeps were stored: left out at their defaults, so the results-store keys
     # of sweeps started before they existed stay valid (a resumed sweep reruns nothing)
     LATER_OPTIONS = ((None, "calibration", "auto"), (None, "operating_point", None), (None, "external_test", []),
-                     (None, "corruptions", None), (None, "align", []),
+                     (None, "corruptions", None), (None, "align", []), ("train", "adapt", "none"),
+                     ("train", "target_unlabelled", None), ("train", "adapt_weight", 1.0),
                      ("data", "boxes", None), ("data", "box_min_size", 10))
 
     def to_dict(self) -> dict:
@@ -262,6 +263,14 @@ def execute(cfg: RunConfig, out_dir: str | Path | None = None, bundle: DataBundl
     check_operating_point(cfg.operating_point, bundle.task, bundle.num_classes)  # before any training
     if evaluate_test and cfg.external_test:
         check_external_sources(cfg, bundle.class_names)  # names, files, classes, prompts: before training
+    target = None
+    if cfg.train.adapt != "none":  # unlabelled target-domain images (DANN), read before training
+        if cv_folds(cfg.train.select):
+            raise ConfigError("adapt dann with cross-validated selection (select cv:K) is not supported; use holdout")
+        from .adapt import load_target_images
+
+        target = load_target_images(cfg.train.target_unlabelled, cfg.data.image_size, bundle.in_channels,
+                                    cfg.data.dicom_window)
     options = task_options(bundle, cfg.train)
     positive = _positive_index(bundle)
     lr = cfg.train.lr if cfg.train.lr is not None else get_method(parse_method(cfg.method)[0]).default_lr
@@ -276,7 +285,7 @@ def execute(cfg: RunConfig, out_dir: str | Path | None = None, bundle: DataBundl
     else:
         model, info, names, configs = _model_for(cfg, bundle)
         result = train_model(model, bundle, info.mean, info.std, cfg.train, lr, progress=progress,
-                             evaluate_test=evaluate_test)
+                             evaluate_test=evaluate_test, target=target)
         selection_targets, n_selection = plugin.targets(bundle.val).numpy(), len(bundle.val)
     counts = count_parameters(model)
     # e.g. detection's score threshold: chosen on the selection data only, then applied to test
@@ -319,6 +328,10 @@ def execute(cfg: RunConfig, out_dir: str | Path | None = None, bundle: DataBundl
         "feature_cache_note": result.feature_cache_note,  # what was cached, or why not
         "train_seconds": result.train_seconds,
         "fitted_on_validation": fitted,
+        # unsupervised domain adaptation: what adapted the backbone (the folder's name only)
+        "adapt": None if target is None else {
+            "method": cfg.train.adapt, "target": os.path.basename(os.path.normpath(cfg.train.target_unlabelled)),
+            "n_target_images": len(target), "weight": cfg.train.adapt_weight},
         "val": plugin.metrics_with_ci(selection_targets, result.val_probs, options, cfg.n_boot, cfg.train.seed),
         "test": plugin.metrics_with_ci(plugin.targets(bundle.test).numpy(), result.test_probs, options, cfg.n_boot,
                                        cfg.train.seed) if evaluate_test else None,

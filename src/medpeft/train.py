@@ -72,6 +72,11 @@ class TrainConfig:
     augment: str = "auto"
     augment_strength: float = 1.0  # scales every augmentation magnitude (0 disables)
     mix: str = "none"  # none | mixup | cutmix | mixup+cutmix: batch mixing with soft targets
+    # unsupervised domain adaptation (adapt.py): none | dann, with unlabelled images of the target
+    # domain (a folder) and the weight of the domain loss
+    adapt: str = "none"
+    target_unlabelled: str | None = None
+    adapt_weight: float = 1.0
     # auto | on | off: cache the frozen front of the network once per split (head-only training: the
     # features; partial/last-k-blocks: the frozen prefix's output). Needs augment=none and mix=none.
     cache_features: str = "auto"
@@ -94,6 +99,15 @@ class TrainConfig:
 
         if self.prompt not in ("none", "box"):
             raise ConfigError(f"prompt {self.prompt!r} is not one of none, box")
+        from .adapt import ADAPTATIONS
+
+        if self.adapt not in ADAPTATIONS:
+            raise ConfigError(f"adapt {self.adapt!r} is not one of {', '.join(ADAPTATIONS)}")
+        if (self.adapt != "none") != bool(self.target_unlabelled):
+            raise ConfigError("adapt dann needs target_unlabelled (a folder of unlabelled target images), and "
+                              "target_unlabelled needs adapt dann")
+        if not (_real(self.adapt_weight) and self.adapt_weight > 0):
+            raise ConfigError(f"adapt_weight must be a number > 0, got {self.adapt_weight!r}")
         if self.seg_loss not in SEG_LOSSES:
             raise ConfigError(f"seg_loss {self.seg_loss!r} is not one of {', '.join(SEG_LOSSES)}")
         if isinstance(self.nsd_tolerance, bool) or not isinstance(self.nsd_tolerance, (int, float)) \
@@ -324,10 +338,12 @@ class TrainingSetup:
     num_classes: int
     grad_clip: float | None
     bn_stats: str = "frozen"
+    dann: object = None  # adapt.Dann: the domain classifier and target batches (adapt dann)
     task: object = None  # the Task: predictions and metrics
     options: dict = field(default_factory=dict)  # task_options(), with "plain_loss" (unweighted)
     epochs: int = 1  # cfg.epochs, raised to meet cfg.min_steps
     steps_per_epoch: int = 1
+    domain_loss: float | None = None  # the last epoch's mean weighted domain loss (adapt dann)
 
 
 def _cached_loader(plan: CachePlan, loader, images, amp_dtype, batch_size, **kw) -> "_TensorLoader":
@@ -347,7 +363,7 @@ def make_adamw(params, lr: float, weight_decay: float, device: torch.device, fus
 
 
 def prepare_training(model: nn.Module, bundle: DataBundle, mean, std, cfg: TrainConfig, lr: float,
-                     with_test: bool = True) -> TrainingSetup:
+                     with_test: bool = True, target: ImageSet | None = None) -> TrainingSetup:
     get_task(bundle.task).check_model(model, {"prompt": cfg.prompt, "mix": cfg.mix})  # before anything is moved or cached
     device = resolve_device(cfg.device)
     amp_dtype = torch.bfloat16 if (cfg.amp and device.type == "cuda") else None
@@ -363,7 +379,8 @@ def prepare_training(model: nn.Module, bundle: DataBundle, mean, std, cfg: Train
     train_loader, val_loader, test_loader = make_loaders(bundle, mean, std, cfg, device, augment,
                                                          with_test=with_test, channels_last=channels_last)
     stale = [f"augment={augment_name!r}"] * (augment is not None) + [f"mix={cfg.mix!r}"] * mix.active \
-        + [f"prompt={cfg.prompt!r}"] * (cfg.prompt != "none")  # the prompt enters after the trunk
+        + [f"prompt={cfg.prompt!r}"] * (cfg.prompt != "none") \
+        + [f"adapt={cfg.adapt!r}"] * (cfg.adapt != "none")  # the prompt enters after the trunk; DANN reads it
     n_cached = len(bundle.train) + len(bundle.val) + (len(bundle.test) if with_test else 0)
     probe = train_loader.to_input(train_loader.images[:4])  # no generator: not augmented
     plan = plan_cache(model, cfg.cache_features, stale, probe, n_cached)
@@ -386,8 +403,24 @@ def prepare_training(model: nn.Module, bundle: DataBundle, mean, std, cfg: Train
         groups = [{"params": [p for p in params if id(p) not in head]},
                   {"params": [p for p in params if id(p) in head], "lr": float(cfg.head_lr)}]
         groups = [group for group in groups if group["params"]]
-    optimizer = make_adamw(groups, lr, cfg.weight_decay, device, fused=cfg.fused_adamw)
     epochs, steps_per_epoch = plan_epochs(len(bundle.train), cfg)
+    dann = None
+    if cfg.adapt == "dann":
+        if target is None:
+            raise ConfigError("adapt dann: no target images were given to the trainer")
+        from .adapt import Dann
+
+        from .augment import build_augment
+
+        # the images' own augmentation (no targets to move), from its own seeded stream
+        target_loader = BatchLoader(target, cfg.batch_size, mean, std, device=device, shuffle=True,
+                                    augment=build_augment(augment_name, cfg.augment_strength),
+                                    seed=cfg.seed * 100_003 + 55_511, channels_last=train_loader.channels_last)
+        dann = Dann(get_task(bundle.task).methods_target(model), target_loader, cfg.adapt_weight,
+                    epochs * steps_per_epoch)
+        groups = (groups if isinstance(groups[0], dict) else [{"params": groups}]) + [
+            {"params": list(dann.parameters()), "lr": float(cfg.head_lr or lr)}]
+    optimizer = make_adamw(groups, lr, cfg.weight_decay, device, fused=cfg.fused_adamw)
     total_steps = epochs * steps_per_epoch
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
 
@@ -410,7 +443,7 @@ def prepare_training(model: nn.Module, bundle: DataBundle, mean, std, cfg: Train
         mix_gen=torch.Generator().manual_seed(cfg.seed * 100_003 + 99_991),  # own stream: mixing on/off keeps the order
         prompt_gen=torch.Generator().manual_seed(cfg.seed * 100_003 + 77_773),
         num_classes=bundle.num_classes, grad_clip=cfg.grad_clip, epochs=epochs, steps_per_epoch=steps_per_epoch,
-        bn_stats=cfg.bn_stats,
+        bn_stats=cfg.bn_stats, dann=dann,
     )
 
 
@@ -422,6 +455,7 @@ def train_epoch(setup: TrainingSetup, max_steps: int | None = None) -> float:
     s = setup
     set_train_mode(s.net, True, s.bn_stats)
     total = torch.zeros((), device=s.device)
+    domain_total = torch.zeros((), device=s.device)
     count = 0
     for step, (x, y) in enumerate(s.train_loader):
         if max_steps is not None and step >= max_steps:
@@ -431,6 +465,10 @@ def train_epoch(setup: TrainingSetup, max_steps: int | None = None) -> float:
         with torch.autocast(s.device.type, dtype=s.amp_dtype, enabled=s.amp_dtype is not None):
             logits = s.task.forward(s.step_net, x, y, s.options, gen=s.prompt_gen)
         loss = s.criterion(logits.float(), y)
+        if s.dann is not None:  # the domain classifier on these features and a target batch's
+            domain = s.dann.loss(len(y))
+            loss = loss + domain
+            domain_total += domain.detach() * len(y)
         s.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if s.grad_clip:
@@ -439,12 +477,13 @@ def train_epoch(setup: TrainingSetup, max_steps: int | None = None) -> float:
         s.scheduler.step()
         total += loss.detach() * len(y)
         count += len(y)
+    s.domain_loss = float(domain_total) / max(count, 1) if s.dann is not None else None
     return float(total) / max(count, 1)
 
 
 def train_model(model: nn.Module, bundle: DataBundle, mean, std, cfg: TrainConfig, lr: float,
                 progress=None, evaluate_test: bool = True, record_val_probs: bool = False,
-                stop_epoch: int | None = None) -> TrainResult:
+                stop_epoch: int | None = None, target: ImageSet | None = None) -> TrainResult:
     """Train in place and restore the best validation state.
 
     The test split is predicted exactly once, after training, by the best validation state
@@ -454,8 +493,17 @@ def train_model(model: nn.Module, bundle: DataBundle, mean, std, cfg: TrainConfi
     ``record_val_probs``: keep every epoch's validation probabilities and never stop early (the
     folds of cross-validated selection). ``stop_epoch``: train the planned schedule up to this
     epoch with no validation at all and keep that state (the refit after cross-validation).
+    ``target``: unlabelled target-domain images for ``adapt: dann``.
     """
-    setup = prepare_training(model, bundle, mean, std, cfg, lr, with_test=evaluate_test)
+    setup = prepare_training(model, bundle, mean, std, cfg, lr, with_test=evaluate_test, target=target)
+    try:
+        return _run_training(model, bundle, cfg, setup, progress, evaluate_test, record_val_probs, stop_epoch)
+    finally:
+        if setup.dann is not None:
+            setup.dann.close()  # no hook is left on the model that is saved, merged or exported
+
+
+def _run_training(model, bundle, cfg, setup, progress, evaluate_test, record_val_probs, stop_epoch) -> TrainResult:
     net, amp_dtype = setup.net, setup.amp_dtype
     result = TrainResult(feature_cache=setup.cache.active, feature_cache_note=setup.cache.reason,
                          augment=setup.augment_name, steps_per_epoch=setup.steps_per_epoch,
@@ -470,6 +518,8 @@ def train_model(model: nn.Module, bundle: DataBundle, mean, std, cfg: TrainConfi
         train_loss = train_epoch(setup)
         row = {"epoch": epoch, "epochs_total": setup.epochs, "step": epoch * setup.steps_per_epoch,
                "train_loss": train_loss, "lr": setup.optimizer.param_groups[0]["lr"]}
+        if setup.domain_loss is not None:
+            row["domain_loss"] = setup.domain_loss
         if validate:
             probs, val = evaluate(net, setup.val_loader, bundle.val, setup.task, setup.options, amp_dtype)
             if record_val_probs:

@@ -81,6 +81,10 @@ def public_run_config(config: dict) -> dict:
         out["data"] = public_data_config(out["data"])
     if "weights" in out:
         out["weights"] = public_path(out["weights"])
+    if out.get("external_test"):  # external test sets and the DANN target folder: no absolute path either
+        out["external_test"] = [public_path(p) for p in out["external_test"]]
+    if isinstance(out.get("train"), dict) and out["train"].get("target_unlabelled"):
+        out["train"] = {**out["train"], "target_unlabelled": public_path(out["train"]["target_unlabelled"])}
     return out
 
 
