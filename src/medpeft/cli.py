@@ -54,6 +54,12 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
                         "images/ + masks/ folders, or a manifest 'mask' column) or detection (boxes: Kvasir-SEG's "
                         "kavsir_bboxes.json, --box-file COCO/CSV, a CSV manifest path,x0,y0,x1,y1,label, or one box "
                         "per mask component)")
+    g.add_argument("--label-noise", default=None, metavar="SPEC",
+                   help="classification: inject label noise into the training and validation labels: symmetric:R, "
+                        "asymmetric:R (pair flip) or matrix:[[..],[..]]; the test split stays clean; flips are "
+                        "recorded in noisy_labels.csv")
+    g.add_argument("--clean-validation", action="store_true",
+                   help="with --label-noise: keep the validation labels clean (default: as noisy as training)")
     g.add_argument("--box-file", default=None,
                    help="detection: the box file inside the data folder (COCO JSON, Kvasir JSON or CSV "
                         "path,x0,y0,x1,y1,label; default kavsir_bboxes.json if present, else boxes from the masks)")
@@ -293,7 +299,8 @@ def run_config_from_args(args) -> "RunConfig":
         label_columns=args.label_columns.split(",") if args.label_columns else None, split_file=args.split_file,
         near_duplicates=args.near_duplicates, dicom_window=args.window, audit=args.audit,
         val_labels=args.val_labels, positive_class=args.positive_class, task=args.task,
-        boxes=args.box_file, box_min_size=args.box_min_size,
+        boxes=args.box_file, box_min_size=args.box_min_size, label_noise=args.label_noise,
+        clean_validation=args.clean_validation, noise_seed=args.seed if args.label_noise else None,
         mask_classes=args.mask_classes.split(",") if args.mask_classes else None,
         near_duplicate_threshold=(int(args.near_duplicate_threshold) if str(args.near_duplicate_threshold).isdigit()
                                   else args.near_duplicate_threshold),

@@ -94,7 +94,8 @@ class RunConfig:
     LATER_OPTIONS = ((None, "calibration", "auto"), (None, "operating_point", None), (None, "external_test", []),
                      (None, "corruptions", None), (None, "align", []), ("train", "adapt", "none"),
                      ("train", "target_unlabelled", None), ("train", "adapt_weight", 1.0),
-                     ("data", "boxes", None), ("data", "box_min_size", 10))
+                     ("data", "boxes", None), ("data", "box_min_size", 10), ("data", "label_noise", None),
+                     ("data", "clean_validation", False), ("data", "noise_seed", None))
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -352,12 +353,24 @@ def execute(cfg: RunConfig, out_dir: str | Path | None = None, bundle: DataBundl
         metrics["adapter_bytes"] = write_run(out, cfg, metrics, result.history, model, bundle, info)
         if evaluate_test:
             metrics["predictions"] = plugin.write_predictions(out, bundle, result.test_probs, options)
+            if bundle.label_noise:  # which training / validation labels the injected noise flipped
+                metrics["predictions"].append(write_noisy_labels(out, bundle.label_noise, bundle.class_names))
             from .calibration import write_run_files
 
             metrics["predictions"] += write_run_files(out, metrics, (bundle.train if folds else bundle.val).ids,
                                                       selection_targets, result.val_probs)
         metrics["out_dir"] = str(out)
     return metrics
+
+
+def write_noisy_labels(out: Path, record: dict, class_names: list[str]) -> str:
+    path = Path(out) / "noisy_labels.csv"
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["split", "id", "clean_label", "noisy_label"])
+        for split, ident, clean, noisy in record["flipped"]:
+            writer.writerow([split, ident, class_names[clean], class_names[noisy]])
+    return path.name
 
 
 def check_external_sources(cfg: RunConfig, class_names: list[str]) -> None:

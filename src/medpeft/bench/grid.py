@@ -33,7 +33,7 @@ RUN_KEYS = ("out", "executor", "address")  # how to run it, not what: allowed in
 TRAIN_RESERVED = ("seed",)
 # DataConfig fields a sweep sets itself (from its own keys, per run)
 DATA_RESERVED = ("name", "root", "image_size", "medmnist_size", "fraction", "shots", "subset_seed", "val_labels",
-                 "task")
+                 "task", "noise_seed")
 
 
 @dataclass(frozen=True)

@@ -623,7 +623,18 @@ def _settings_lines(experiment: dict | None) -> list[str]:
         + " (early stopping on validation; the best state is tested once)",
     ] + (["**PROMPTED**: every mask was predicted from a box prompt (the ground-truth mask's bounding box, "
           "jittered in training): these scores use test-time information an unprompted model does not have and "
-          "are never to be ranked with unprompted results"] if train.get("prompt") == "box" else [])
+          "are never to be ranked with unprompted results"] if train.get("prompt") == "box" else []) \
+        + _noise_lines(experiment.get("data_options") or {})
+
+
+def _noise_lines(data_options: dict) -> list[str]:
+    spec = data_options.get("label_noise")
+    if not spec:
+        return []
+    validation = "clean validation labels (--clean-validation)" if data_options.get("clean_validation") else \
+        "validation labels as noisy as the training labels (what a user with noisy labels selects with)"
+    return [f"label noise: {spec} on the training labels, {validation}; a new draw per seed; the test labels are "
+            "clean; each run's noisy_labels.csv lists the flips"]
 
 
 def _hpo_line(experiment: dict) -> str:

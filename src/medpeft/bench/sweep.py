@@ -106,7 +106,9 @@ class Sweep:
         data = DataConfig(name=cell.data, root=self.exp.data_root, image_size=cell.image_size,
                           medmnist_size=self.exp.medmnist_size, fraction=cell.fraction if subset else None,
                           subset_seed=subset_seed if subset else 0, val_labels=self.exp.val_labels,
-                          task=self.exp.task, **self.exp.data_options)
+                          task=self.exp.task, **self.exp.data_options,
+                          # injected label noise: a new draw per seed (also at fraction 1)
+                          **({"noise_seed": seed} if self.exp.data_options.get("label_noise") else {}))
         train = TrainConfig(**{**self.exp.train, **train_params, "seed": seed})
         cfg = RunConfig(data=data, train=train, backbone=cell.backbone, method=cell.method,
                         method_options=options, n_boot=n_boot,

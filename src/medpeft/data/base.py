@@ -66,6 +66,8 @@ class DataBundle:
     split_info: dict = field(default_factory=dict)
     # index of the clinically positive class of a binary task (sensitivity/F1 follow it); None: class 1
     positive_class: int | None = None
+    # injected label noise: {"summary", "flipped": [(split, id, clean, noisy), ...]} (data/noise.py)
+    label_noise: dict | None = None
 
     @property
     def num_classes(self) -> int:
@@ -113,3 +115,8 @@ class DataConfig:
     near_duplicate_threshold: int | str = "auto"  # Hamming bits, or auto (chosen per data set)
     dicom_window: str | None = None  # "C,W" overrides the DICOM files' own Window Center/Width
     audit: str = "warn"  # audit before training: warn | strict (error on leakage) | off
+    # classification: noise injected into the training (and validation) labels, e.g. symmetric:0.4,
+    # asymmetric:0.2, matrix:[[0.9,0.1],[0.3,0.7]] (data/noise.py); the test split stays clean
+    label_noise: str | None = None
+    clean_validation: bool = False  # keep the validation labels clean (default: as noisy as training)
+    noise_seed: int | None = None  # seed of the noise draw; None: subset_seed

@@ -75,6 +75,13 @@ def check_data_config(cfg: DataConfig) -> None:
         raise ConfigError(f"audit {cfg.audit!r} is not one of warn, strict, off")
     check_ratios(cfg.val_ratio, cfg.test_ratio)
     check_subset_options(cfg.fraction, cfg.shots)
+    from medpeft.data.noise import parse_label_noise
+
+    parse_label_noise(cfg.label_noise)  # a malformed spec fails before any image is read
+    if cfg.label_noise and cfg.task != "classification":
+        raise ConfigError(f"label_noise applies to classification labels; task {cfg.task!r} has none to flip")
+    if not isinstance(cfg.clean_validation, bool):
+        raise ConfigError(f"clean_validation must be true or false, got {cfg.clean_validation!r}")
     if isinstance(cfg.box_min_size, bool) or not isinstance(cfg.box_min_size, Integral) or cfg.box_min_size < 1:
         raise ConfigError(f"box_min_size must be a whole number of pixels >= 1, got {cfg.box_min_size!r}")
     if cfg.val_labels not in VAL_LABELS:
@@ -158,6 +165,11 @@ def load_data(cfg: DataConfig) -> DataBundle:
                                manifest.split, cfg)
     bundle.split_info["source"] = kind
     apply_subset(bundle, cfg)
+    if cfg.label_noise:
+        from medpeft.data.noise import apply_label_noise
+
+        apply_label_noise(bundle, cfg.label_noise, cfg.subset_seed if cfg.noise_seed is None else cfg.noise_seed,
+                          cfg.clean_validation)
     return bundle
 
 
