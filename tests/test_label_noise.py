@@ -101,3 +101,65 @@ def test_sweep_draws_noise_per_seed_and_the_report_states_it(toy, tmp_path):
     assert all(c > 0 for c in counts)
     text = open(build_report(tmp_path / "sweep")["markdown"]).read()
     assert "label noise: symmetric:0.3 on the training labels, validation labels as noisy" in text
+
+
+# ---------------------------------------------------------------------- noise-robust strategies
+
+
+def test_gce_matches_its_definition_and_its_limits():
+    from medpeft.strategies import gce_loss
+
+    logits = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3]])
+    y = torch.tensor([0, 2])
+    p = torch.softmax(logits, 1)[torch.arange(2), y]
+    assert gce_loss(logits, y, q=0.7).item() == pytest.approx(((1 - p ** 0.7) / 0.7).mean().item())
+    ce = torch.nn.functional.cross_entropy(logits, y).item()
+    assert gce_loss(logits, y, q=1e-4).item() == pytest.approx(ce, rel=1e-3)  # q -> 0: cross-entropy
+    assert gce_loss(logits, y, q=1.0).item() == pytest.approx((1 - p).mean().item())  # q = 1: MAE
+
+
+def test_cufit_trains_each_stage_on_what_the_previous_one_agrees_with():
+    from medpeft.strategies import Cufit
+
+    probe = torch.nn.Linear(4, 2)
+    inter = torch.nn.Linear(4, 2)
+    with torch.no_grad():  # A predicts class 0 everywhere, B class 1 everywhere
+        probe.weight.zero_(), inter.weight.zero_()
+        probe.bias.copy_(torch.tensor([5.0, 0.0])), inter.bias.copy_(torch.tensor([0.0, 5.0]))
+    cufit = Cufit(probe, inter)
+    x = torch.randn(4, 4)
+    y = torch.tensor([0, 0, 1, 1])
+    logits_c = torch.randn(4, 2, requires_grad=True)
+    cufit.loss(logits_c, x, y).backward()
+    # C learns only from the samples B agrees with (labels 1), B only from those A agrees with (labels 0)
+    assert torch.all(logits_c.grad[:2] == 0) and torch.all(logits_c.grad[2:] != 0)
+    assert cufit.kept == {"b": 2, "c": 2, "n": 4}
+    ce_b = torch.nn.functional.cross_entropy(inter(x), y, reduction="none")
+    expected_b = (torch.tensor([1.0, 1.0, 0.0, 0.0]) * ce_b).mean()
+    inter.zero_grad()
+    expected_b.backward()
+    grad_expected = inter.bias.grad.clone()
+    inter.zero_grad()
+    cufit.loss(logits_c.detach(), x, y).backward()
+    assert torch.allclose(inter.bias.grad, grad_expected)
+
+
+def test_cufit_run_records_how_clean_each_stage_kept(toy, tmp_path):
+    cfg = RunConfig(data=DataConfig(name=str(toy), image_size=32, audit="off", label_noise="symmetric:0.3"),
+                    train=TrainConfig(epochs=2, batch_size=16, seed=0, strategy="cufit"), backbone="tiny_cnn",
+                    pretrained=False, method="lora", n_boot=20)
+    metrics = execute(cfg, out_dir=tmp_path / "run")
+    record = metrics["curriculum"]
+    n_noisy = metrics["split"]["label_noise"]["n_flipped_train"]
+    assert record["n_train"] == metrics["n_train"] and record["n_noisy"] == n_noisy
+    assert 0 <= record["stage_b_kept_noisy"] <= min(record["stage_b_kept"], n_noisy)
+    history = (tmp_path / "run" / "history.csv").read_text().splitlines()[0]
+    assert "cufit_kept_b" in history and "cufit_kept_c" in history
+    # the saved model is module C alone: it loads like any run
+    from medpeft.run import load_run
+
+    assert load_run(tmp_path / "run").model is not None
+    with pytest.raises(ConfigError, match="strategy 'cufit' applies to single-label classification"):
+        from medpeft.strategies import check_strategy
+
+        check_strategy("cufit", "segmentation")

@@ -153,6 +153,10 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--target-unlabelled", default=None, metavar="DIR",
                    help="a folder of unlabelled images of the target domain (another centre) for --adapt dann")
     g.add_argument("--adapt-weight", type=float, default=1.0, help="weight of the DANN domain loss (default 1)")
+    g.add_argument("--strategy", default="plain", choices=("plain", "gce", "cufit"),
+                   help="noise-robust training (classification): plain cross-entropy, gce (generalized CE), or "
+                        "cufit (curriculum: linear probe -> intermediate -> last module, each on the samples the "
+                        "previous one agrees with)")
     g.add_argument("--cache-features", default="auto",
                    help="auto | on | off: compute the frozen front of the network once per split (linear probing: "
                         "the features; partial: the frozen blocks' output); needs --augment none")
@@ -205,6 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--align", default=None, metavar="METHOD[,METHOD]",
                    help="also evaluate each external set aligned to the home training images at test time: "
                         "histogram (matching) and/or fda (Fourier amplitude swap); recorded as <name>+<method>")
+    g.add_argument("--forgetting", action="store_true",
+                   help="measure how far fine-tuning moved the pretrained representation: linear CKA between the "
+                        "pretrained and fine-tuned backbone's features on the test images (metrics.json 'forgetting')")
+    g.add_argument("--forgetting-probe", default=None, metavar="DATA",
+                   help="also a logistic-regression probe on another classification set, with the pretrained and "
+                        "the fine-tuned backbone (test AUROC before vs after)")
     g.add_argument("--corruptions", default=None, metavar="SUITE",
                    help="evaluate the test split under a corruption suite (ultrasound, xray, ct_mr, fundus, "
                         "endoscopy, generic; MedMNIST-C's corruptions and severities): every corruption x 5 "
@@ -311,7 +321,7 @@ def run_config_from_args(args) -> "RunConfig":
         nsd_tolerance=args.nsd_tolerance,
         class_weighted=args.class_weighted, grad_clip=args.grad_clip or None, augment=args.augment,
         augment_strength=args.augment_strength, mix=args.mix, adapt=args.adapt,
-        target_unlabelled=args.target_unlabelled, adapt_weight=args.adapt_weight,
+        target_unlabelled=args.target_unlabelled, adapt_weight=args.adapt_weight, strategy=args.strategy,
         cache_features=args.cache_features, device=args.device, amp=not args.no_amp, seed=args.seed,
         threads=args.threads, max_minutes=args.max_minutes, compile=args.compile,
         channels_last=args.channels_last, fused_adamw=not args.no_fused_adamw,
@@ -326,7 +336,8 @@ def run_config_from_args(args) -> "RunConfig":
                      pretrained=not args.no_pretrained, method=args.method, method_options=options,
                      n_boot=args.n_boot, calibration="off" if args.no_calibration else "auto",
                      operating_point=args.operating_point, external_test=list(args.external_test or []),
-                     corruptions=args.corruptions, align=args.align or [])
+                     corruptions=args.corruptions, align=args.align or [], forgetting=args.forgetting,
+                     forgetting_probe=args.forgetting_probe)
 
 
 def check_method_options(args, names: list[str]) -> None:

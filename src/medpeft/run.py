@@ -61,6 +61,10 @@ class RunConfig:
     # training-free style alignment of each external set to the home training images (align.py):
     # each listed method adds an aligned evaluation "<name>+<method>" beside the raw one
     align: list = field(default_factory=list)
+    # how far fine-tuning moved the pretrained representation (forgetting.py): linear CKA on the test
+    # images, and with forgetting_probe a linear probe on another classification set, before vs after
+    forgetting: bool = False
+    forgetting_probe: str | None = None
 
     def __post_init__(self):
         if self.data.image_size is None:  # the default size, fitted to the backbone's patch grid
@@ -92,8 +96,9 @@ class RunConfig:
     # options added after sweeps were stored: left out at their defaults, so the results-store keys
     # of sweeps started before they existed stay valid (a resumed sweep reruns nothing)
     LATER_OPTIONS = ((None, "calibration", "auto"), (None, "operating_point", None), (None, "external_test", []),
-                     (None, "corruptions", None), (None, "align", []), ("train", "adapt", "none"),
-                     ("train", "target_unlabelled", None), ("train", "adapt_weight", 1.0),
+                     (None, "corruptions", None), (None, "align", []), (None, "forgetting", False),
+                     (None, "forgetting_probe", None), ("train", "adapt", "none"),
+                     ("train", "target_unlabelled", None), ("train", "adapt_weight", 1.0), ("train", "strategy", "plain"),
                      ("data", "boxes", None), ("data", "box_min_size", 10), ("data", "label_noise", None),
                      ("data", "clean_validation", False), ("data", "noise_seed", None))
 
@@ -264,6 +269,15 @@ def execute(cfg: RunConfig, out_dir: str | Path | None = None, bundle: DataBundl
     check_operating_point(cfg.operating_point, bundle.task, bundle.num_classes)  # before any training
     if evaluate_test and cfg.external_test:
         check_external_sources(cfg, bundle.class_names)  # names, files, classes, prompts: before training
+    from .strategies import check_strategy
+
+    check_strategy(cfg.train.strategy, bundle.task)
+    if evaluate_test and cfg.forgetting_probe:  # the probe set exists and is readable: before training
+        from .data.registry import check_source
+
+        check_source(_probe_data(cfg))
+    if cfg.train.strategy == "cufit" and cv_folds(cfg.train.select):
+        raise ConfigError("strategy cufit with cross-validated selection (select cv:K) is not supported; use holdout")
     target = None
     if cfg.train.adapt != "none":  # unlabelled target-domain images (DANN), read before training
         if cv_folds(cfg.train.select):
@@ -285,8 +299,9 @@ def execute(cfg: RunConfig, out_dir: str | Path | None = None, bundle: DataBundl
         n_selection = len(bundle.train)
     else:
         model, info, names, configs = _model_for(cfg, bundle)
+        curriculum = _curriculum_for(cfg, bundle) if cfg.train.strategy == "cufit" else None
         result = train_model(model, bundle, info.mean, info.std, cfg.train, lr, progress=progress,
-                             evaluate_test=evaluate_test, target=target)
+                             evaluate_test=evaluate_test, target=target, curriculum=curriculum)
         selection_targets, n_selection = plugin.targets(bundle.val).numpy(), len(bundle.val)
     counts = count_parameters(model)
     # e.g. detection's score threshold: chosen on the selection data only, then applied to test
@@ -329,6 +344,9 @@ def execute(cfg: RunConfig, out_dir: str | Path | None = None, bundle: DataBundl
         "feature_cache_note": result.feature_cache_note,  # what was cached, or why not
         "train_seconds": result.train_seconds,
         "fitted_on_validation": fitted,
+        # noise-robust training: plain | gce | cufit, and what CUFIT's stages kept (and how clean)
+        "strategy": cfg.train.strategy,
+        "curriculum": result.curriculum,
         # unsupervised domain adaptation: what adapted the backbone (the folder's name only)
         "adapt": None if target is None else {
             "method": cfg.train.adapt, "target": os.path.basename(os.path.normpath(cfg.train.target_unlabelled)),
@@ -345,6 +363,8 @@ def execute(cfg: RunConfig, out_dir: str | Path | None = None, bundle: DataBundl
                        plugin.targets(bundle.test).numpy(), result.test_probs)
     if evaluate_test and cfg.external_test:  # after the home test, by the same chosen state, once
         metrics["external"] = evaluate_external(cfg, model, bundle, info, plugin, options)
+    if evaluate_test and (cfg.forgetting or cfg.forgetting_probe):  # the representation before vs after
+        metrics["forgetting"] = evaluate_forgetting(cfg, model, bundle, info, plugin)
     if evaluate_test and cfg.corruptions:  # the home test images corrupted, after the clean test
         metrics["corruptions"] = evaluate_corruptions(cfg, model, bundle, info, plugin, options, metrics["test"])
     metrics["total_seconds"] = time.perf_counter() - started
@@ -414,6 +434,43 @@ def evaluate_external(cfg: RunConfig, model, bundle: DataBundle, info, plugin, o
     return out
 
 
+def _probe_data(cfg: RunConfig) -> DataConfig:
+    return DataConfig(name=cfg.forgetting_probe, root=cfg.data.root, image_size=cfg.data.image_size,
+                      medmnist_size=cfg.data.medmnist_size, audit="off")
+
+
+def evaluate_forgetting(cfg: RunConfig, model, bundle: DataBundle, info, plugin) -> dict:
+    """Linear CKA between the pretrained and the fine-tuned backbone's features on the test images,
+    and (``forgetting_probe``) a logistic-regression probe on another set with both backbones."""
+    from .data.privacy import public_path
+    from .forgetting import linear_cka, pooled_features, probe_auroc
+
+    with torch.random.fork_rng(devices=[]):  # exactly as build_model creates the base (random weights too)
+        torch.manual_seed(0)
+        reference, _ = plugin.build_model(cfg.backbone, bundle.num_classes, cfg.data.image_size, in_chans=3,
+                                          weights=cfg.weights, pretrained=cfg.pretrained)
+    pretrained, tuned = plugin.methods_target(reference), plugin.methods_target(model)
+    kw = dict(batch_size=cfg.train.eval_batch_size, device=resolve_device(cfg.train.device))
+    before = pooled_features(pretrained, bundle.test, info.mean, info.std, **kw)
+    after = pooled_features(tuned, bundle.test, info.mean, info.std, **kw)
+    out = {"cka": linear_cka(before, after), "reference": f"test split ({len(bundle.test)} images, labels unused)"}
+    if cfg.forgetting_probe:
+        other = load_data(_probe_data(cfg))
+        if other.task not in ("binary", "multiclass"):
+            raise ConfigError(f"forgetting_probe {cfg.forgetting_probe!r} is a {other.task} set; expected a "
+                              "single-label classification set")
+        scores = {}
+        for name, backbone in (("pretrained", pretrained), ("fine_tuned", tuned)):
+            scores[name] = probe_auroc(pooled_features(backbone, other.train, info.mean, info.std, **kw),
+                                       other.train.labels.numpy(),
+                                       pooled_features(backbone, other.test, info.mean, info.std, **kw),
+                                       other.test.labels.numpy(),
+                                       positive=1 if other.positive_class is None else int(other.positive_class))
+        out["probe"] = {"data": public_path(cfg.forgetting_probe), "metric": "auroc", **scores,
+                        "change": scores["fine_tuned"] - scores["pretrained"]}
+    return out
+
+
 def evaluate_corruptions(cfg: RunConfig, model, bundle: DataBundle, info, plugin, options: dict, clean: dict) -> dict:
     """The task's metrics on the test split under every corruption of the suite at severities 1-5
     (``corruptions.py``; drawn from the run seed, so methods at one seed see the same corrupted
@@ -449,6 +506,19 @@ def _model_for(cfg: RunConfig, bundle: DataBundle):
     seed_everything(cfg.train.seed)  # before model creation: adapter init uses the RNG
     return build_model(cfg.backbone, bundle.num_classes, cfg.data.image_size, cfg.method, cfg.method_options,
                        cfg.weights, cfg.pretrained, head_seed=cfg.train.seed, task=bundle.task)
+
+
+def _curriculum_for(cfg: RunConfig, bundle: DataBundle) -> tuple:
+    """CUFIT's training-time modules: (A) a linear probe on the frozen backbone and (B) the backbone
+    adapted by the run's method with its own head, each from its own seed (the caller's RNG untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        modules = []
+        for offset, method, options in ((1, "linear", {}), (2, cfg.method, cfg.method_options)):
+            seed_everything(cfg.train.seed + offset)
+            module, *_ = build_model(cfg.backbone, bundle.num_classes, cfg.data.image_size, method, options,
+                                     cfg.weights, cfg.pretrained, head_seed=cfg.train.seed + offset, task=bundle.task)
+            modules.append(module)
+    return tuple(modules)
 
 
 def _positive_index(bundle: DataBundle) -> int | None:

@@ -77,6 +77,8 @@ class TrainConfig:
     adapt: str = "none"
     target_unlabelled: str | None = None
     adapt_weight: float = 1.0
+    # noise-robust training (strategies.py): plain cross-entropy | gce | cufit (curriculum)
+    strategy: str = "plain"
     # auto | on | off: cache the frozen front of the network once per split (head-only training: the
     # features; partial/last-k-blocks: the frozen prefix's output). Needs augment=none and mix=none.
     cache_features: str = "auto"
@@ -100,6 +102,10 @@ class TrainConfig:
         if self.prompt not in ("none", "box"):
             raise ConfigError(f"prompt {self.prompt!r} is not one of none, box")
         from .adapt import ADAPTATIONS
+        from .strategies import STRATEGIES
+
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"strategy {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
 
         if self.adapt not in ADAPTATIONS:
             raise ConfigError(f"adapt {self.adapt!r} is not one of {', '.join(ADAPTATIONS)}")
@@ -198,6 +204,7 @@ class TrainResult:
 
     # the best epoch was the last one of the schedule: more steps might still have helped
     best_is_last: bool = False
+    curriculum: dict | None = None  # strategy cufit: what each stage kept (strategies.curriculum_record)
 
 
 def seed_everything(seed: int) -> None:
@@ -235,7 +242,8 @@ def task_options(bundle: DataBundle, cfg: TrainConfig, device=None) -> dict:
     return {"kind": bundle.task, "num_classes": bundle.num_classes,
             "positive": 1 if bundle.positive_class is None else int(bundle.positive_class),
             "class_weighted": cfg.class_weighted, "seg_loss": cfg.seg_loss, "nsd_tolerance": cfg.nsd_tolerance,
-            "monitor": task.resolve_monitor(cfg.monitor), "device": device or "cpu", "prompt": cfg.prompt}
+            "monitor": task.resolve_monitor(cfg.monitor), "device": device or "cpu", "prompt": cfg.prompt,
+            "strategy": cfg.strategy}
 
 
 class _TensorLoader:
@@ -339,6 +347,8 @@ class TrainingSetup:
     grad_clip: float | None
     bn_stats: str = "frozen"
     dann: object = None  # adapt.Dann: the domain classifier and target batches (adapt dann)
+    cufit: object = None  # strategies.Cufit: CUFIT's probe and intermediate modules (strategy cufit)
+    input_stats: tuple = ()  # (mean, std) of the backbone's normalisation
     task: object = None  # the Task: predictions and metrics
     options: dict = field(default_factory=dict)  # task_options(), with "plain_loss" (unweighted)
     epochs: int = 1  # cfg.epochs, raised to meet cfg.min_steps
@@ -363,7 +373,8 @@ def make_adamw(params, lr: float, weight_decay: float, device: torch.device, fus
 
 
 def prepare_training(model: nn.Module, bundle: DataBundle, mean, std, cfg: TrainConfig, lr: float,
-                     with_test: bool = True, target: ImageSet | None = None) -> TrainingSetup:
+                     with_test: bool = True, target: ImageSet | None = None,
+                     curriculum: tuple | None = None) -> TrainingSetup:
     get_task(bundle.task).check_model(model, {"prompt": cfg.prompt, "mix": cfg.mix})  # before anything is moved or cached
     device = resolve_device(cfg.device)
     amp_dtype = torch.bfloat16 if (cfg.amp and device.type == "cuda") else None
@@ -380,7 +391,8 @@ def prepare_training(model: nn.Module, bundle: DataBundle, mean, std, cfg: Train
                                                          with_test=with_test, channels_last=channels_last)
     stale = [f"augment={augment_name!r}"] * (augment is not None) + [f"mix={cfg.mix!r}"] * mix.active \
         + [f"prompt={cfg.prompt!r}"] * (cfg.prompt != "none") \
-        + [f"adapt={cfg.adapt!r}"] * (cfg.adapt != "none")  # the prompt enters after the trunk; DANN reads it
+        + [f"adapt={cfg.adapt!r}"] * (cfg.adapt != "none") \
+        + [f"strategy={cfg.strategy!r}"] * (cfg.strategy == "cufit")  # the prompt enters after the trunk; DANN and CUFIT read it
     n_cached = len(bundle.train) + len(bundle.val) + (len(bundle.test) if with_test else 0)
     probe = train_loader.to_input(train_loader.images[:4])  # no generator: not augmented
     plan = plan_cache(model, cfg.cache_features, stale, probe, n_cached)
@@ -420,6 +432,22 @@ def prepare_training(model: nn.Module, bundle: DataBundle, mean, std, cfg: Train
                     epochs * steps_per_epoch)
         groups = (groups if isinstance(groups[0], dict) else [{"params": groups}]) + [
             {"params": list(dann.parameters()), "lr": float(cfg.head_lr or lr)}]
+    cufit = None
+    if cfg.strategy == "cufit":
+        if curriculum is None:
+            raise ConfigError("strategy cufit: the trainer was given no probe / intermediate modules")
+        from .methods import get_method
+        from .strategies import Cufit
+
+        cufit = Cufit(*(m.to(device) for m in curriculum))
+        if channels_last:
+            for module in cufit.modules():
+                module.to(memory_format=torch.channels_last)
+        groups = (groups if isinstance(groups[0], dict) else [{"params": groups}]) + [
+            # A: a linear probe at the linear method's rate; B: the run's method at the run's rate
+            {"params": [p for p in cufit.probe.parameters() if p.requires_grad],
+             "lr": float(cfg.head_lr or get_method("linear").default_lr)},
+            {"params": [p for p in cufit.intermediate.parameters() if p.requires_grad]}]
     optimizer = make_adamw(groups, lr, cfg.weight_decay, device, fused=cfg.fused_adamw)
     total_steps = epochs * steps_per_epoch
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
@@ -433,7 +461,7 @@ def prepare_training(model: nn.Module, bundle: DataBundle, mean, std, cfg: Train
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
     task = get_task(bundle.task)
     options = task_options(bundle, cfg, device)
-    options["plain_loss"] = task.loss(bundle, {**options, "class_weighted": False})
+    options["plain_loss"] = task.loss(bundle, {**options, "class_weighted": False, "strategy": "plain"})
     step_net = torch.compile(net) if cfg.compile else net
     return TrainingSetup(
         model=model, net=net, step_net=step_net, train_loader=train_loader, val_loader=val_loader,
@@ -443,7 +471,7 @@ def prepare_training(model: nn.Module, bundle: DataBundle, mean, std, cfg: Train
         mix_gen=torch.Generator().manual_seed(cfg.seed * 100_003 + 99_991),  # own stream: mixing on/off keeps the order
         prompt_gen=torch.Generator().manual_seed(cfg.seed * 100_003 + 77_773),
         num_classes=bundle.num_classes, grad_clip=cfg.grad_clip, epochs=epochs, steps_per_epoch=steps_per_epoch,
-        bn_stats=cfg.bn_stats, dann=dann,
+        bn_stats=cfg.bn_stats, dann=dann, cufit=cufit, input_stats=(mean, std),
     )
 
 
@@ -454,6 +482,8 @@ def train_epoch(setup: TrainingSetup, max_steps: int | None = None) -> float:
     """
     s = setup
     set_train_mode(s.net, True, s.bn_stats)
+    for module in (s.cufit.modules() if s.cufit is not None else []):
+        set_train_mode(module, True, s.bn_stats)
     total = torch.zeros((), device=s.device)
     domain_total = torch.zeros((), device=s.device)
     count = 0
@@ -464,7 +494,8 @@ def train_epoch(setup: TrainingSetup, max_steps: int | None = None) -> float:
             x, y = mix_batch(x, y, s.num_classes, s.mix_gen, s.mix)
         with torch.autocast(s.device.type, dtype=s.amp_dtype, enabled=s.amp_dtype is not None):
             logits = s.task.forward(s.step_net, x, y, s.options, gen=s.prompt_gen)
-        loss = s.criterion(logits.float(), y)
+        # CUFIT: the three modules' losses (C = the model, on the samples B agrees with)
+        loss = s.cufit.loss(logits, x, y) if s.cufit is not None else s.criterion(logits.float(), y)
         if s.dann is not None:  # the domain classifier on these features and a target batch's
             domain = s.dann.loss(len(y))
             loss = loss + domain
@@ -483,7 +514,8 @@ def train_epoch(setup: TrainingSetup, max_steps: int | None = None) -> float:
 
 def train_model(model: nn.Module, bundle: DataBundle, mean, std, cfg: TrainConfig, lr: float,
                 progress=None, evaluate_test: bool = True, record_val_probs: bool = False,
-                stop_epoch: int | None = None, target: ImageSet | None = None) -> TrainResult:
+                stop_epoch: int | None = None, target: ImageSet | None = None,
+                curriculum: tuple | None = None) -> TrainResult:
     """Train in place and restore the best validation state.
 
     The test split is predicted exactly once, after training, by the best validation state
@@ -495,9 +527,19 @@ def train_model(model: nn.Module, bundle: DataBundle, mean, std, cfg: TrainConfi
     epoch with no validation at all and keep that state (the refit after cross-validation).
     ``target``: unlabelled target-domain images for ``adapt: dann``.
     """
-    setup = prepare_training(model, bundle, mean, std, cfg, lr, with_test=evaluate_test, target=target)
+    setup = prepare_training(model, bundle, mean, std, cfg, lr, with_test=evaluate_test, target=target,
+                             curriculum=curriculum)
     try:
-        return _run_training(model, bundle, cfg, setup, progress, evaluate_test, record_val_probs, stop_epoch)
+        result = _run_training(model, bundle, cfg, setup, progress, evaluate_test, record_val_probs, stop_epoch)
+        if setup.cufit is not None:
+            from .strategies import curriculum_record
+
+            flipped = {i for split, i, *_ in (bundle.label_noise or {}).get("flipped", []) if split == "train"}
+            noisy = torch.tensor([i in flipped for i in bundle.train.ids]) if bundle.label_noise else None
+            ordered = BatchLoader(bundle.train, cfg.eval_batch_size, mean, std, device=setup.device,
+                                  channels_last=setup.train_loader.channels_last)
+            result.curriculum = curriculum_record(setup.cufit, ordered, noisy)
+        return result
     finally:
         if setup.dann is not None:
             setup.dann.close()  # no hook is left on the model that is saved, merged or exported
@@ -520,6 +562,8 @@ def _run_training(model, bundle, cfg, setup, progress, evaluate_test, record_val
                "train_loss": train_loss, "lr": setup.optimizer.param_groups[0]["lr"]}
         if setup.domain_loss is not None:
             row["domain_loss"] = setup.domain_loss
+        if setup.cufit is not None:  # the fraction of the epoch's samples stages B and C trained on
+            row.update(setup.cufit.epoch_fractions())
         if validate:
             probs, val = evaluate(net, setup.val_loader, bundle.val, setup.task, setup.options, amp_dtype)
             if record_val_probs:

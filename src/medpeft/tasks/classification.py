@@ -46,6 +46,10 @@ class ClassificationTask(Task):
             weights = weights.to(options.get("device", "cpu"))
         if bundle.task == "multilabel":
             return lambda logits, y: F.binary_cross_entropy_with_logits(logits, y.float(), pos_weight=weights)
+        if options.get("strategy") == "gce":  # noise-robust generalized cross-entropy (strategies.py)
+            from ..strategies import gce_loss
+
+            return gce_loss
         return lambda logits, y: F.cross_entropy(logits, y, weight=weights)
 
     def predictions(self, outputs: torch.Tensor, options: dict) -> torch.Tensor:
