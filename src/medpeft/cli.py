@@ -106,6 +106,56 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
                    help="data audit before training: warn (default), strict (leakage/duplicates stop the run), off")
 
 
+def add_run_options(run: argparse.ArgumentParser) -> None:
+    """The options of 'medpeft run' (also every step of 'medpeft continual')."""
+    run.add_argument("--config", default=None, help="YAML run config (as written to a run's config.yaml); "
+                                                    "command-line options given explicitly are not merged")
+    add_data_options(run)
+    g = run.add_argument_group("model")
+    g.add_argument("--backbone", default="efficientnet_lite0",
+                   help="registry name (efficientnet_lite0, dinov2_vits14, ...) or any timm model name")
+    g.add_argument("--weights", default=None, help="local backbone weights (.safetensors, or .pth loaded weights_only)")
+    g.add_argument("--no-pretrained", action="store_true", help="random initialisation (for ablations)")
+    g.add_argument("--method", default="lora", help="method name or hybrid like lora+ssf ('medpeft methods' lists them)")
+    add_train_options(run)
+    run.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for confidence intervals")
+    g = run.add_argument_group("applying the model (classification)")
+    g.add_argument("--operating-point", default=None, metavar="TARGET",
+                   help="binary tasks: a decision threshold chosen on validation for sensitivity=X, specificity=X or "
+                        "youden; test sensitivity/specificity/PPV/NPV at it; saved with the adapter, used by predict")
+    g.add_argument("--no-calibration", action="store_true",
+                   help="skip Platt (binary) / temperature (multi-class) scaling fitted on validation (default: "
+                        "fitted, reported before/after and applied by predict)")
+    g = run.add_argument_group("shift")
+    g.add_argument("--external-test", action="append", default=None, metavar="DATA",
+                   help="an external test set (folder, CSV manifest or MedMNIST name of the same task and label "
+                        "space; repeatable), evaluated once after the home test by the model chosen on home "
+                        "validation: metrics.json 'external'")
+    g.add_argument("--align", default=None, metavar="METHOD[,METHOD]",
+                   help="also evaluate each external set aligned to the home training images at test time: "
+                        "histogram (matching) and/or fda (Fourier amplitude swap); recorded as <name>+<method>")
+    g.add_argument("--forgetting", action="store_true",
+                   help="measure how far fine-tuning moved the pretrained representation: linear CKA between the "
+                        "pretrained and fine-tuned backbone's features on the test images (metrics.json 'forgetting')")
+    g.add_argument("--forgetting-probe", default=None, metavar="DATA",
+                   help="also a logistic-regression probe on another classification set, with the pretrained and "
+                        "the fine-tuned backbone (test AUROC before vs after)")
+    g.add_argument("--corruptions", default=None, metavar="SUITE",
+                   help="evaluate the test split under a corruption suite (ultrasound, xray, ct_mr, fundus, "
+                        "endoscopy, generic; MedMNIST-C's corruptions and severities): every corruption x 5 "
+                        "severities, metrics.json 'corruptions'")
+    run.add_argument("--out", default=None, help="run folder (default: a new folder under runs/); must be new or "
+                                                  "empty unless --overwrite (checked before training)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="allow --out to be an existing run folder or non-empty folder: its run files are replaced")
+    run.add_argument("--quiet", action="store_true", help="no per-epoch progress bar (the final metrics table is still printed)")
+    from .tracking import add_tracking_options
+
+    add_tracking_options(run)  # --mlflow URI: not part of the run config
+    add_method_options(run)
+
+
+
 def add_train_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=30, help="maximum training epochs (default 30)")
@@ -183,51 +233,20 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="train one method on one data set and evaluate it once on test",
                          description="Train, early-stop on validation, evaluate the best state once on test, "
                                      "write a run folder (config.yaml, metrics.json, history.csv, adapter.safetensors).")
-    run.add_argument("--config", default=None, help="YAML run config (as written to a run's config.yaml); "
-                                                    "command-line options given explicitly are not merged")
-    add_data_options(run)
-    g = run.add_argument_group("model")
-    g.add_argument("--backbone", default="efficientnet_lite0",
-                   help="registry name (efficientnet_lite0, dinov2_vits14, ...) or any timm model name")
-    g.add_argument("--weights", default=None, help="local backbone weights (.safetensors, or .pth loaded weights_only)")
-    g.add_argument("--no-pretrained", action="store_true", help="random initialisation (for ablations)")
-    g.add_argument("--method", default="lora", help="method name or hybrid like lora+ssf ('medpeft methods' lists them)")
-    add_train_options(run)
-    run.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for confidence intervals")
-    g = run.add_argument_group("applying the model (classification)")
-    g.add_argument("--operating-point", default=None, metavar="TARGET",
-                   help="binary tasks: a decision threshold chosen on validation for sensitivity=X, specificity=X or "
-                        "youden; test sensitivity/specificity/PPV/NPV at it; saved with the adapter, used by predict")
-    g.add_argument("--no-calibration", action="store_true",
-                   help="skip Platt (binary) / temperature (multi-class) scaling fitted on validation (default: "
-                        "fitted, reported before/after and applied by predict)")
-    g = run.add_argument_group("shift")
-    g.add_argument("--external-test", action="append", default=None, metavar="DATA",
-                   help="an external test set (folder, CSV manifest or MedMNIST name of the same task and label "
-                        "space; repeatable), evaluated once after the home test by the model chosen on home "
-                        "validation: metrics.json 'external'")
-    g.add_argument("--align", default=None, metavar="METHOD[,METHOD]",
-                   help="also evaluate each external set aligned to the home training images at test time: "
-                        "histogram (matching) and/or fda (Fourier amplitude swap); recorded as <name>+<method>")
-    g.add_argument("--forgetting", action="store_true",
-                   help="measure how far fine-tuning moved the pretrained representation: linear CKA between the "
-                        "pretrained and fine-tuned backbone's features on the test images (metrics.json 'forgetting')")
-    g.add_argument("--forgetting-probe", default=None, metavar="DATA",
-                   help="also a logistic-regression probe on another classification set, with the pretrained and "
-                        "the fine-tuned backbone (test AUROC before vs after)")
-    g.add_argument("--corruptions", default=None, metavar="SUITE",
-                   help="evaluate the test split under a corruption suite (ultrasound, xray, ct_mr, fundus, "
-                        "endoscopy, generic; MedMNIST-C's corruptions and severities): every corruption x 5 "
-                        "severities, metrics.json 'corruptions'")
-    run.add_argument("--out", default=None, help="run folder (default: a new folder under runs/); must be new or "
-                                                  "empty unless --overwrite (checked before training)")
-    run.add_argument("--overwrite", action="store_true",
-                     help="allow --out to be an existing run folder or non-empty folder: its run files are replaced")
-    run.add_argument("--quiet", action="store_true", help="no per-epoch progress bar (the final metrics table is still printed)")
-    from .tracking import add_tracking_options
-
-    add_tracking_options(run)  # --mlflow URI: not part of the run config
-    add_method_options(run)
+    add_run_options(run)
+    continual = sub.add_parser(
+        "continual", help="fine-tune one method on a sequence of data sets; every task re-tested after each step",
+        description="Continual fine-tuning (medpeft/continual.py): site-incremental (one head, the same label "
+                    "space; --replay N rehearses N images per earlier task) or task-incremental (one head per task, "
+                    "the adapted backbone shared). Writes continual.json: the accuracy matrix, average, backward "
+                    "and forward transfer. Every 'medpeft run' option applies to each step (--data is replaced by "
+                    "the sequence).")
+    continual.add_argument("--sequence", required=True, help="comma-separated data sets, in training order")
+    continual.add_argument("--mode", choices=("site", "task"), default="site",
+                           help="site: one head for all (same label space); task: one head per task (classification)")
+    continual.add_argument("--replay", type=int, default=0, help="site mode: training images kept per earlier task")
+    add_run_options(continual)
+    COMMANDS["continual"] = cmd_continual
 
     methods = sub.add_parser("methods", help="list every method, the backbones it applies to and its trainable %%")
     methods.add_argument("--backbone", default=None, help="count trainable parameters on this backbone")
@@ -369,6 +388,26 @@ def cmd_run(args) -> int:
     with progress_printer(cfg.train.epochs, quiet=args.quiet) as progress:
         metrics = execute(cfg, out_dir=args.out, progress=progress, tracking=tracking)
     print_run_summary(metrics)
+    return 0
+
+
+def cmd_continual(args) -> int:
+    import json
+
+    from .continual import run_continual
+    from .report_console import progress_printer
+
+    sequence = [part.strip() for part in args.sequence.split(",") if part.strip()]
+    args.data = sequence[0] if sequence else args.data
+    cfg = run_config_from_args(args)
+    if args.out is not None:
+        from .run import check_out_dir
+
+        check_out_dir(args.out, overwrite=args.overwrite)
+    with progress_printer(cfg.train.epochs, quiet=args.quiet) as progress:
+        record = run_continual(cfg, sequence, mode=args.mode, replay=args.replay, out=args.out, progress=progress)
+    print(json.dumps({k: record[k] for k in ("mode", "method", "metric", "matrix_rows", "matrix", "average", "bwt",
+                                             "fwt")}, indent=1))
     return 0
 
 
