@@ -2,6 +2,7 @@
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
+DEMO_OUT := runs/benchmark-quick
 DATA    ?= ../shared/data
 STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml requirements-torch.txt | md5sum | cut -c1-12)
 
@@ -25,6 +26,9 @@ $(STAMP): pyproject.toml requirements-torch.txt
 # report (runs/benchmark-quick/report).
 demo: setup
 	MEDPEFT_DATA=$(DATA)/medmnist $(BIN)/medpeft benchmark --preset quick --data-root $(DATA)/medmnist --resume
+	@echo "next: which method won, and the winner as a model:"
+	@echo "  $(BIN)/medpeft winner $(DEMO_OUT)"
+	@echo "  MEDPEFT_DATA=$(DATA)/medmnist $(BIN)/medpeft winner $(DEMO_OUT) --train --out runs/winner --card --cell breastmnist,efficientnet_lite0,1"
 
 test: setup
 	MEDPEFT_DATA=$(DATA)/medmnist MEDPEFT_SHARED_DATA=$(DATA) MEDPEFT_OFFLINE=1 OMP_NUM_THREADS=1 \

@@ -369,6 +369,20 @@ def build_card(run: str | Path) -> str:
             out += ["", f"## {title}", ""]
             out.append(_evaluation(m[key]))
 
+    # ------------------------------------------------------------------ provenance: a sweep's winner
+    if (run / "winner.json").is_file():
+        won = _json(run / "winner.json", "winner")
+        out += ["", "## Chosen by a comparison", ""]
+        out.append(f"This model is the winner of the sweep `{_name(won.get('sweep'))}` for "
+                   f"{' / '.join(str(c) for c in won.get('cell', []))}: **{won.get('method')}**, chosen on validation "
+                   f"only (ties within the margin went to the fewest trainable parameters: {', '.join(won.get('tied', []))}), "
+                   f"retrained from the sweep's stored configuration with seed {won.get('seed')} "
+                   f"(store key `{str(won.get('store_key'))[:12]}`).")
+        out.append("")
+        out.append(_table(["method", "validation mean", "trainable %", "seeds"],
+                          [[e["method"], _num(e.get("val_mean"), 4), _num(e.get("trainable_pct"), 3), str(e.get("seeds"))]
+                           for e in won.get("ranking", [])]))
+
     # ------------------------------------------------------------------ use and limits
     out += ["", "## Intended use", ""]
     out.append(f"Research use: comparing parameter-efficient fine-tuning methods on small medical-imaging data sets, "

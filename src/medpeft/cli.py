@@ -247,6 +247,33 @@ def build_parser() -> argparse.ArgumentParser:
     continual.add_argument("--replay", type=int, default=0, help="site mode: training images kept per earlier task")
     add_run_options(continual)
     COMMANDS["continual"] = cmd_continual
+    winner = sub.add_parser(
+        "winner", help="which method won a sweep (on validation), and train / export it",
+        description="Choose each cell's winner of a 'medpeft benchmark' sweep on validation only (ties within the "
+                    "margin go to the fewest trainable parameters, then the fastest), print the ranking with the "
+                    "test scores marked as not used, and with --train retrain the winner from the sweep's stored "
+                    "configuration into a normal run folder (same seed, same numbers).")
+    winner.add_argument("sweep", help="the sweep's --out folder (holding results.db)")
+    winner.add_argument("--tie", type=float, default=None,
+                        help="validation means within this of the best are tied (default: the experiment's margin)")
+    winner.add_argument("--max-trainable", type=float, default=None, metavar="PERCENT",
+                        help="only methods training at most this %% of the model's parameters")
+    winner.add_argument("--cell", default=None, metavar="DATA,BACKBONE,FRACTION",
+                        help="with --train: which cell's winner (needed when the sweep has several)")
+    winner.add_argument("--train", action="store_true", help="retrain the winner into --out")
+    winner.add_argument("--out", default=None, help="run folder of the retrained winner")
+    winner.add_argument("--overwrite", action="store_true", help="allow --out to be an existing run folder")
+    winner.add_argument("--seed", type=int, default=None, help="which of the winner's seeds (default: the first)")
+    winner.add_argument("--data-root", default=None,
+                        help="with --train: the folder holding the sweep's data when it was given as an absolute "
+                             "path (sweeps never record absolute paths)")
+    winner.add_argument("--operating-point", default=None, metavar="TARGET",
+                        help="binary: a decision threshold chosen on validation (sensitivity=0.95, ...)")
+    winner.add_argument("--export", choices=("onnx", "safetensors"), default=None,
+                        help="also export the trained winner (OUT/model.onnx or OUT/merged.safetensors)")
+    winner.add_argument("--card", action="store_true", help="also write OUT/MODEL_CARD.md")
+    winner.add_argument("--json", action="store_true", help="print the choice as JSON")
+    COMMANDS["winner"] = cmd_winner
 
     methods = sub.add_parser("methods", help="list every method, the backbones it applies to and its trainable %%")
     methods.add_argument("--backbone", default=None, help="count trainable parameters on this backbone")
@@ -409,6 +436,55 @@ def cmd_continual(args) -> int:
     print(json.dumps({k: record[k] for k in ("mode", "method", "metric", "matrix_rows", "matrix", "average", "bwt",
                                              "fwt")}, indent=1))
     return 0
+
+
+def cmd_winner(args) -> int:
+    import json
+
+    from .winner import describe, train_winner, winners
+
+    if args.train and not args.out:
+        raise ConfigError("--train needs --out DIR for the winner's run folder")
+    if (args.export or args.card or args.operating_point) and not args.train:
+        raise ConfigError("--export, --card and --operating-point apply to the trained winner: add --train --out DIR")
+    result = winners(args.sweep, tie=args.tie, max_trainable=args.max_trainable)
+    if args.json:
+        slim = {**result, "cells": [{**c, "winner": (c["winner"] or {}).get("method"),
+                                     "ranking": [{k: v for k, v in e.items() if k != "runs"} for e in c["ranking"]]}
+                                    for c in result["cells"]]}
+        print(json.dumps(slim, indent=1, default=str))
+    else:
+        print(describe(result))
+    if not args.train:
+        return 0
+    cells = result["cells"]
+    if args.cell:
+        parts = [p.strip() for p in args.cell.split(",")]
+        cells = [c for c in cells if len(parts) == 3 and c["backbone"] == parts[1] and f"{c['fraction']:g}" ==
+                 f"{float(parts[2]):g}" and (c["data"] == parts[0] or c["data"].rstrip("/").endswith(parts[0]))]
+    if len(cells) != 1:
+        options = "; ".join(f"{c['data']},{c['backbone']},{c['fraction']:g}" for c in result["cells"])
+        raise ConfigError(f"--train needs one cell: give --cell DATA,BACKBONE,FRACTION (one of: {options})")
+    metrics = train_winner(args.sweep, cells[0], args.out, seed=args.seed, operating_point=args.operating_point,
+                           overwrite=args.overwrite, data_root=args.data_root)
+    from pathlib import Path
+
+    out = Path(args.out)
+    print(f"trained the winner into {out}")
+    if args.export:
+        from .onnx_export import export_onnx, export_safetensors
+
+        if args.export == "onnx":
+            report = export_onnx(out, out / "model.onnx")
+            print(f"exported {out / 'model.onnx'} (parity max |diff| {report.get('max_abs_diff')})")
+        else:
+            print(export_safetensors(out, out / "merged.safetensors"))
+    if args.card:
+        from .card import CARD_FILE, build_card
+
+        (out / CARD_FILE).write_text(build_card(out))
+        print(f"wrote {out / CARD_FILE}")
+    return 0 if metrics else 1
 
 
 def cmd_methods(args) -> int:
