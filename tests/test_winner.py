@@ -100,3 +100,15 @@ def test_missing_or_empty_sweeps_are_named(tmp_path):
         winners(tmp_path)
     assert main(["winner", str(tmp_path), "--card"]) == 2
     assert math.isnan(choose([rec("x", None, 1)], False, 0.02)[0]["ranking"][0]["val_mean"])
+
+
+def test_a_committed_gzipped_store_is_read(sweep, tmp_path):
+    import gzip
+    import shutil
+
+    packed = tmp_path / "committed"
+    packed.mkdir()
+    with open(sweep / "results.db", "rb") as src, gzip.open(packed / "results.db.gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    a, b = winners(sweep), winners(packed)
+    assert [c["winner"]["method"] for c in a["cells"]] == [c["winner"]["method"] for c in b["cells"]]

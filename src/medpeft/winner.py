@@ -84,16 +84,36 @@ def choose(records: list[dict], lower_is_better: bool, tie: float, max_trainable
     return sorted(out, key=lambda c: (c["data"], c["backbone"], c["fraction"]))
 
 
+def store_folder(sweep: str | Path) -> Path:
+    """The folder holding the sweep's results.db; a committed ``results.db.gz`` (this repository's
+    results/ folders) is decompressed once into a private temporary folder."""
+    import gzip
+    import shutil
+    import tempfile
+
+    from .bench.store import DB_NAME
+
+    folder = Path(sweep)
+    if (folder / DB_NAME).is_file():
+        return folder
+    packed = folder / f"{DB_NAME}.gz"
+    if packed.is_file():
+        target = Path(tempfile.mkdtemp(prefix="medpeft-winner-")) / folder.name
+        target.mkdir()
+        with gzip.open(packed, "rb") as src, open(target / DB_NAME, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        return target
+    raise ConfigError(f"{folder} holds no results store ({DB_NAME} or {DB_NAME}.gz); give the --out folder of a "
+                      "'medpeft benchmark' sweep")
+
+
 def winners(sweep: str | Path, tie: float | None = None, max_trainable: float | None = None) -> dict:
     """Open the sweep's store, choose per cell (validation only), then attach the test means and
     report verdicts for information."""
     from .bench.report import _margin, experiment_task, final_runs, summarize
-    from .bench.store import DB_NAME, Store
+    from .bench.store import Store
 
-    folder = Path(sweep)
-    if not (folder / DB_NAME).is_file():
-        raise ConfigError(f"{folder} holds no results store ({DB_NAME}); give the --out folder of a "
-                          "'medpeft benchmark' sweep")
+    folder = store_folder(sweep)
     if max_trainable is not None and not (isinstance(max_trainable, (int, float)) and 0 < max_trainable <= 100):
         raise ConfigError(f"--max-trainable {max_trainable!r}: expected a percentage in (0, 100]")
     with Store.open_readonly(folder) as store:
