@@ -112,3 +112,23 @@ def test_a_committed_gzipped_store_is_read(sweep, tmp_path):
         shutil.copyfileobj(src, dst)
     a, b = winners(sweep), winners(packed)
     assert [c["winner"]["method"] for c in a["cells"]] == [c["winner"]["method"] for c in b["cells"]]
+
+
+def test_failed_or_old_sweeps_give_a_clear_message(sweep, tmp_path):
+    import shutil
+    import sqlite3
+
+    failed = tmp_path / "failed"
+    failed.mkdir()
+    shutil.copy(sweep / "results.db", failed / "results.db")
+    with sqlite3.connect(failed / "results.db") as conn:
+        conn.execute("UPDATE runs SET status = 'failed' WHERE kind = 'final'")
+    with pytest.raises(ConfigError, match=r"no finished final run \(6 failed"):
+        winners(failed)
+    old = tmp_path / "old"
+    old.mkdir()
+    shutil.copy(sweep / "results.db", old / "results.db")
+    with sqlite3.connect(old / "results.db") as conn:
+        conn.execute("DELETE FROM meta WHERE key = 'experiment'")
+    with pytest.raises(ConfigError, match="records no experiment"):
+        winners(old)
