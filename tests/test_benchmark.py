@@ -491,3 +491,14 @@ def test_pruning_rungs_are_units_of_the_epoch_budget_when_tiny_fractions_stretch
     plain = PruningReporter(history, {}, settings, "auroc", budget_epochs=6)
     plain(1, {"val_auroc": 0.1, "epochs_total": 6})
     assert plain.intermediate == {1: 0.1}
+
+
+def test_preflight_checks_the_medmnist_file_variant_the_sweep_reads(medmnist_root):
+    """medmnist_size decides which file is read: a missing variant fails before any job starts."""
+    exp = Experiment.from_mapping(dict(data=["breastmnist"], data_root=str(medmnist_root), medmnist_size=224,
+                                       backbones=["tiny_cnn"], methods=["linear"], fractions=[1.0], seeds=1,
+                                       image_size=32))
+    if (medmnist_root / "breastmnist_224.npz").is_file():
+        pytest.skip("this machine has the 224 px file")
+    with pytest.raises(ConfigError, match="breastmnist_224.npz"):
+        exp.validate()

@@ -1,6 +1,6 @@
 #!/bin/bash
 # Issue 16 continual study, sized for 2 CPU cores: BreastMNIST -> PneumoniaMNIST (task-incremental,
-# 64 px MedMNIST files) and Kvasir-SEG -> CVC-ClinicDB (site-incremental, 64 px, with and without
+# the 28 px MedMNIST files at 64 px) and Kvasir-SEG -> CVC-ClinicDB (site-incremental, 64 px, with and without
 # replay), EfficientNet-Lite0, full / LoRA (rank 4, 16) / SSF / BitFit, 5 seeds. Every run writes
 # runs/continual/<sequence>/<method>/s<seed>/continual.json (accuracy matrix, average, BWT, FWT);
 # finished runs are skipped, so the script resumes. ~3 CPU-hours.
@@ -12,7 +12,7 @@ for seed in 0 1 2 3 4; do
     set -- $spec; tag="$(echo "$spec" | tr ' ' '_' | tr -d '-')"
     out=runs/continual/breast_pneumonia/$tag/s$seed
     [ -f $out/continual.json ] || $MEDPEFT continual --sequence breastmnist,pneumoniamnist --mode task \
-        --medmnist-size 64 --image-size 64 --backbone efficientnet_lite0 --method $spec --seed $seed \
+        --image-size 64 --backbone efficientnet_lite0 --method $spec --seed $seed \
         --steps 150 --batch-size 32 --quiet --threads 1 --out $out --overwrite
     for replay in 0 32; do
       out=runs/continual/kvasir_cvc_replay$replay/$tag/s$seed

@@ -316,7 +316,8 @@ class Experiment:
 
         for name in [*self.data, *self.external_test]:  # external test sets: checked the same way
             try:
-                cfg = DataConfig(name=name, root=self.data_root, task=self.task, **self.data_options)
+                cfg = DataConfig(name=name, root=self.data_root, task=self.task, medmnist_size=self.medmnist_size,
+                                 **self.data_options)
                 # option values (ratios, names) and the data itself - the MedMNIST file, the class folders,
                 # the manifest's rows and files - fail here (and in --dry-run), before any job starts
                 check_source(cfg)
