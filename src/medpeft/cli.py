@@ -203,6 +203,11 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--target-unlabelled", default=None, metavar="DIR",
                    help="a folder of unlabelled images of the target domain (another centre) for --adapt dann")
     g.add_argument("--adapt-weight", type=float, default=1.0, help="weight of the DANN domain loss (default 1)")
+    g.add_argument("--semi", default="none", choices=("none", "fixmatch"),
+                   help="semi-supervised training on the unlabelled rest of the training split (with --fraction or "
+                        "--shots): fixmatch (confident weak-view pseudo-labels supervise a strong view)")
+    g.add_argument("--semi-threshold", type=float, default=0.95, help="FixMatch's confidence threshold (0.95)")
+    g.add_argument("--semi-ratio", type=int, default=1, help="unlabelled images per labelled image in a step (1)")
     g.add_argument("--strategy", default="plain", choices=("plain", "gce", "cufit"),
                    help="noise-robust training (classification): plain cross-entropy, gce (generalized CE), or "
                         "cufit (curriculum: linear probe -> intermediate -> last module, each on the samples the "
@@ -368,6 +373,7 @@ def run_config_from_args(args) -> "RunConfig":
         class_weighted=args.class_weighted, grad_clip=args.grad_clip or None, augment=args.augment,
         augment_strength=args.augment_strength, mix=args.mix, adapt=args.adapt,
         target_unlabelled=args.target_unlabelled, adapt_weight=args.adapt_weight, strategy=args.strategy,
+        semi=args.semi, semi_threshold=args.semi_threshold, semi_ratio=args.semi_ratio,
         cache_features=args.cache_features, device=args.device, amp=not args.no_amp, seed=args.seed,
         threads=args.threads, max_minutes=args.max_minutes, compile=args.compile,
         channels_last=args.channels_last, fused_adamw=not args.no_fused_adamw,

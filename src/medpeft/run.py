@@ -99,6 +99,8 @@ class RunConfig:
                      (None, "corruptions", None), (None, "align", []), (None, "forgetting", False),
                      (None, "forgetting_probe", None), ("train", "adapt", "none"),
                      ("train", "target_unlabelled", None), ("train", "adapt_weight", 1.0), ("train", "strategy", "plain"),
+                     ("train", "semi", "none"), ("train", "semi_threshold", 0.95), ("train", "semi_weight", 1.0),
+                     ("train", "semi_ratio", 1),
                      ("data", "boxes", None), ("data", "box_min_size", 10), ("data", "label_noise", None),
                      ("data", "clean_validation", False), ("data", "noise_seed", None))
 
@@ -272,6 +274,9 @@ def execute(cfg: RunConfig, out_dir: str | Path | None = None, bundle: DataBundl
     from .strategies import check_strategy
 
     check_strategy(cfg.train.strategy, bundle.task)
+    from .semi import check_semi
+
+    check_semi(cfg.train.semi, bundle.task, bundle.unlabelled)
     if evaluate_test and cfg.forgetting_probe:  # the probe set exists and is readable: before training
         from .data.registry import check_source
 
@@ -346,6 +351,11 @@ def execute(cfg: RunConfig, out_dir: str | Path | None = None, bundle: DataBundl
         "fitted_on_validation": fitted,
         # noise-robust training: plain | gce | cufit, and what CUFIT's stages kept (and how clean)
         "strategy": cfg.train.strategy,
+        # semi-supervised training: its unlabelled pool (the rest of the training split) and setting
+        "semi": None if cfg.train.semi == "none" else {
+            "method": cfg.train.semi, "n_unlabelled": len(bundle.unlabelled), "pool": "training split minus its "
+            "labelled subset (never validation or test)", "threshold": cfg.train.semi_threshold,
+            "ratio": cfg.train.semi_ratio, "weight": cfg.train.semi_weight},
         "curriculum": result.curriculum,
         # unsupervised domain adaptation: what adapted the backbone (the folder's name only)
         "adapt": None if target is None else {

@@ -79,6 +79,11 @@ class TrainConfig:
     adapt_weight: float = 1.0
     # noise-robust training (strategies.py): plain cross-entropy | gce | cufit (curriculum)
     strategy: str = "plain"
+    # semi-supervised training on the unlabelled rest of the training split (semi.py): none | fixmatch
+    semi: str = "none"
+    semi_threshold: float = 0.95  # FixMatch's pseudo-label confidence threshold
+    semi_weight: float = 1.0  # weight of the unlabelled loss
+    semi_ratio: int = 1  # unlabelled images per labelled image in a step (FixMatch's mu; the paper: 7)
     # auto | on | off: cache the frozen front of the network once per split (head-only training: the
     # features; partial/last-k-blocks: the frozen prefix's output). Needs augment=none and mix=none.
     cache_features: str = "auto"
@@ -106,6 +111,15 @@ class TrainConfig:
 
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"strategy {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
+        from .semi import SEMI
+
+        if self.semi not in SEMI:
+            raise ConfigError(f"semi {self.semi!r} is not one of {', '.join(SEMI)}")
+        if not (_real(self.semi_threshold) and 0 < self.semi_threshold < 1):
+            raise ConfigError(f"semi_threshold must be a probability in (0, 1), got {self.semi_threshold!r}")
+        if not (_real(self.semi_weight) and self.semi_weight > 0) or not _whole(self.semi_ratio) or self.semi_ratio < 1:
+            raise ConfigError(f"semi_weight must be > 0 and semi_ratio a whole number >= 1, got {self.semi_weight!r}, "
+                              f"{self.semi_ratio!r}")
 
         if self.adapt not in ADAPTATIONS:
             raise ConfigError(f"adapt {self.adapt!r} is not one of {', '.join(ADAPTATIONS)}")
@@ -348,6 +362,7 @@ class TrainingSetup:
     bn_stats: str = "frozen"
     dann: object = None  # adapt.Dann: the domain classifier and target batches (adapt dann)
     cufit: object = None  # strategies.Cufit: CUFIT's probe and intermediate modules (strategy cufit)
+    semi: object = None  # semi.FixMatch: the unlabelled batches (semi fixmatch)
     input_stats: tuple = ()  # (mean, std) of the backbone's normalisation
     task: object = None  # the Task: predictions and metrics
     options: dict = field(default_factory=dict)  # task_options(), with "plain_loss" (unweighted)
@@ -392,7 +407,8 @@ def prepare_training(model: nn.Module, bundle: DataBundle, mean, std, cfg: Train
     stale = [f"augment={augment_name!r}"] * (augment is not None) + [f"mix={cfg.mix!r}"] * mix.active \
         + [f"prompt={cfg.prompt!r}"] * (cfg.prompt != "none") \
         + [f"adapt={cfg.adapt!r}"] * (cfg.adapt != "none") \
-        + [f"strategy={cfg.strategy!r}"] * (cfg.strategy == "cufit")  # the prompt enters after the trunk; DANN and CUFIT read it
+        + [f"strategy={cfg.strategy!r}"] * (cfg.strategy == "cufit") \
+        + [f"semi={cfg.semi!r}"] * (cfg.semi != "none")  # the prompt enters after the trunk; DANN and CUFIT read it
     n_cached = len(bundle.train) + len(bundle.val) + (len(bundle.test) if with_test else 0)
     probe = train_loader.to_input(train_loader.images[:4])  # no generator: not augmented
     plan = plan_cache(model, cfg.cache_features, stale, probe, n_cached)
@@ -448,6 +464,17 @@ def prepare_training(model: nn.Module, bundle: DataBundle, mean, std, cfg: Train
             {"params": [p for p in cufit.probe.parameters() if p.requires_grad],
              "lr": float(cfg.head_lr or get_method("linear").default_lr)},
             {"params": [p for p in cufit.intermediate.parameters() if p.requires_grad]}]
+    semi = None
+    if cfg.semi == "fixmatch":
+        from .augment import build_augment
+        from .semi import STRONG_AUGMENT, FixMatch, check_semi
+
+        check_semi(cfg.semi, bundle.task, bundle.unlabelled)
+        views = [BatchLoader(bundle.unlabelled, cfg.batch_size * int(cfg.semi_ratio), mean, std, device=device,
+                             shuffle=True, augment=augment_view, seed=cfg.seed * 100_003 + 33_331, drop_last=True,
+                             channels_last=train_loader.channels_last)
+                 for augment_view in (build_augment("light", 1.0), build_augment(*STRONG_AUGMENT))]
+        semi = FixMatch(*views, cfg.semi_threshold, cfg.semi_weight)
     optimizer = make_adamw(groups, lr, cfg.weight_decay, device, fused=cfg.fused_adamw)
     total_steps = epochs * steps_per_epoch
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
@@ -471,7 +498,7 @@ def prepare_training(model: nn.Module, bundle: DataBundle, mean, std, cfg: Train
         mix_gen=torch.Generator().manual_seed(cfg.seed * 100_003 + 99_991),  # own stream: mixing on/off keeps the order
         prompt_gen=torch.Generator().manual_seed(cfg.seed * 100_003 + 77_773),
         num_classes=bundle.num_classes, grad_clip=cfg.grad_clip, epochs=epochs, steps_per_epoch=steps_per_epoch,
-        bn_stats=cfg.bn_stats, dann=dann, cufit=cufit, input_stats=(mean, std),
+        bn_stats=cfg.bn_stats, dann=dann, cufit=cufit, semi=semi, input_stats=(mean, std),
     )
 
 
@@ -496,6 +523,8 @@ def train_epoch(setup: TrainingSetup, max_steps: int | None = None) -> float:
             logits = s.task.forward(s.step_net, x, y, s.options, gen=s.prompt_gen)
         # CUFIT: the three modules' losses (C = the model, on the samples B agrees with)
         loss = s.cufit.loss(logits, x, y) if s.cufit is not None else s.criterion(logits.float(), y)
+        if s.semi is not None:  # FixMatch: confident weak-view predictions supervise the strong view
+            loss = loss + s.semi.loss(lambda u: s.task.forward(s.step_net, u, None, s.options))
         if s.dann is not None:  # the domain classifier on these features and a target batch's
             domain = s.dann.loss(len(y))
             loss = loss + domain
@@ -564,6 +593,8 @@ def _run_training(model, bundle, cfg, setup, progress, evaluate_test, record_val
             row["domain_loss"] = setup.domain_loss
         if setup.cufit is not None:  # the fraction of the epoch's samples stages B and C trained on
             row.update(setup.cufit.epoch_fractions())
+        if setup.semi is not None:  # the fraction of unlabelled images confident enough to be pseudo-labelled
+            row["pseudo_label_rate"] = setup.semi.epoch_rate()
         if validate:
             probs, val = evaluate(net, setup.val_loader, bundle.val, setup.task, setup.options, amp_dtype)
             if record_val_probs:

@@ -68,6 +68,9 @@ class DataBundle:
     positive_class: int | None = None
     # injected label noise: {"summary", "flipped": [(split, id, clean, noisy), ...]} (data/noise.py)
     label_noise: dict | None = None
+    # the training images the label budget left unlabelled (labels blanked to -1): the pool of
+    # semi-supervised training (semi.py); never validation or test images
+    unlabelled: ImageSet | None = None
 
     @property
     def num_classes(self) -> int:

@@ -318,6 +318,10 @@ def apply_subset(bundle: DataBundle, cfg: DataConfig) -> DataBundle:
     index = subset_train(bundle.train.labels, fraction=cfg.fraction, shots=cfg.shots,
                          seed=cfg.subset_seed, class_names=bundle.class_names)
     full_ids = list(bundle.train.ids)
+    rest = np.setdiff1d(np.arange(before), np.asarray(index, dtype=np.int64))
+    unlabelled = bundle.train.subset(rest)
+    unlabelled.labels = torch.full_like(unlabelled.labels, -1)  # unlabelled: nothing may read them
+    bundle.unlabelled = unlabelled
     bundle.train = bundle.train.subset(index)
     # kept outside split_info (which goes into configs): lets save_split write the whole split
     bundle._full_train_ids = full_ids
