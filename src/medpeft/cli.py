@@ -279,6 +279,31 @@ def build_parser() -> argparse.ArgumentParser:
     winner.add_argument("--card", action="store_true", help="also write OUT/MODEL_CARD.md")
     winner.add_argument("--json", action="store_true", help="print the choice as JSON")
     COMMANDS["winner"] = cmd_winner
+    pre = sub.add_parser(
+        "pretrain", help="continue self-supervised pre-training of a backbone on unlabelled images",
+        description="MAE (ViTs: masked patches, the encoder sees only the visible ones) or SimCLR (CNNs and ViTs) on "
+                    "a data source's training split (labels ignored) or a folder of images; resumable; writes a "
+                    "safetensors file that 'medpeft run --weights' loads (medpeft/pretrain.py).")
+    pre.add_argument("--data", required=True, help="a data source (its training split) or a folder of images")
+    pre.add_argument("--data-root", default=None, help="data root (MedMNIST: default $MEDPEFT_DATA)")
+    pre.add_argument("--backbone", default="dinov2_vits14")
+    pre.add_argument("--ssl", choices=("mae", "simclr"), default="mae")
+    pre.add_argument("--image-size", type=int, default=112)
+    pre.add_argument("--steps", type=int, default=200)
+    pre.add_argument("--batch-size", type=int, default=32)
+    pre.add_argument("--lr", type=float, default=1.5e-4)
+    pre.add_argument("--mask-ratio", type=float, default=0.75, help="MAE: fraction of patches masked (0.75)")
+    pre.add_argument("--seed", type=int, default=0)
+    pre.add_argument("--method", default="full",
+                     help="parameter-efficient pre-training: only this (mergeable) method's parameters move, merged "
+                          "into the weights written (lora, bitfit, norm, ...); default full")
+    pre.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (OUT.ckpt)")
+    pre.add_argument("--monitor-every", type=int, default=0,
+                     help="steps between k-NN validation accuracies (labelled sources; 0: never)")
+    pre.add_argument("--threads", type=int, default=None)
+    pre.add_argument("--resume", action="store_true", help="continue from OUT.ckpt")
+    pre.add_argument("--out", required=True, help="output .safetensors file")
+    COMMANDS["pretrain"] = cmd_pretrain
 
     methods = sub.add_parser("methods", help="list every method, the backbones it applies to and its trainable %%")
     methods.add_argument("--backbone", default=None, help="count trainable parameters on this backbone")
@@ -491,6 +516,19 @@ def cmd_winner(args) -> int:
         (out / CARD_FILE).write_text(build_card(out))
         print(f"wrote {out / CARD_FILE}")
     return 0 if metrics else 1
+
+
+def cmd_pretrain(args) -> int:
+    from .pretrain import PretrainConfig, pretrain
+
+    cfg = PretrainConfig(data=args.data, backbone=args.backbone, ssl=args.ssl, image_size=args.image_size,
+                         steps=args.steps, batch_size=args.batch_size, lr=args.lr, mask_ratio=args.mask_ratio,
+                         seed=args.seed, data_root=args.data_root, checkpoint_every=args.checkpoint_every,
+                         monitor_every=args.monitor_every, threads=args.threads, method=args.method)
+    summary = pretrain(cfg, args.out, resume=args.resume)
+    print(f"wrote {summary['out']} ({summary['steps']} steps of {cfg.ssl} on {summary['n_images']} images, "
+          f"final loss {summary['final_loss']:.4f})")
+    return 0
 
 
 def cmd_methods(args) -> int:
