@@ -56,3 +56,38 @@ def test_fixmatch_run_records_its_pool_and_pseudo_label_rate(toy, tmp_path):
     with pytest.raises(ConfigError, match="needs unlabelled images: train with --fraction"):
         execute(RunConfig.from_dict({**cfg.to_dict(), "data": {**cfg.to_dict()["data"], "fraction": None}}),
                 save=False)
+
+
+def test_pseudo_labels_keep_only_confident_predictions():
+    import numpy as np
+
+    from medpeft.data.base import ImageSet
+    from medpeft.semi import pseudo_labelled
+
+    pool = ImageSet(images=torch.zeros(4, 1, 8, 8, dtype=torch.uint8), labels=torch.full((4,), -1),
+                    ids=["a", "b", "c", "d"])
+    probabilities = np.array([[0.97, 0.03], [0.6, 0.4], [0.01, 0.99], [0.5, 0.5]])
+    chosen = pseudo_labelled(pool, probabilities, 0.95)
+    assert chosen.ids == ["a", "c"] and chosen.labels.tolist() == [0, 1]
+
+
+def test_self_training_rounds_train_on_pseudo_labels_and_test_once(toy, tmp_path, monkeypatch):
+    import medpeft.run as run_module
+
+    calls = []
+    real = run_module.train_model
+
+    def counting(model, bundle, *args, evaluate_test=True, **kwargs):
+        calls.append((len(bundle.train), evaluate_test))
+        return real(model, bundle, *args, evaluate_test=evaluate_test, **kwargs)
+
+    monkeypatch.setattr(run_module, "train_model", counting)
+    cfg = RunConfig(data=DataConfig(name=str(toy), image_size=32, audit="off", fraction=0.25),
+                    train=TrainConfig(epochs=1, batch_size=8, seed=0, semi="selftrain", semi_threshold=0.5,
+                                      semi_rounds=2), backbone="tiny_cnn", pretrained=False, method="lora", n_boot=20)
+    metrics = execute(cfg, save=False)
+    rounds = metrics["semi"]["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2] and all(r["pseudo_labelled"] == r["pool"] for r in rounds)
+    labelled = calls[0][0]
+    assert calls == [(labelled, False), (labelled + rounds[0]["pseudo_labelled"], False),
+                     (labelled + rounds[1]["pseudo_labelled"], True)]  # only the last round reads test

@@ -203,9 +203,11 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--target-unlabelled", default=None, metavar="DIR",
                    help="a folder of unlabelled images of the target domain (another centre) for --adapt dann")
     g.add_argument("--adapt-weight", type=float, default=1.0, help="weight of the DANN domain loss (default 1)")
-    g.add_argument("--semi", default="none", choices=("none", "fixmatch"),
+    g.add_argument("--semi", default="none", choices=("none", "fixmatch", "selftrain"),
                    help="semi-supervised training on the unlabelled rest of the training split (with --fraction or "
-                        "--shots): fixmatch (confident weak-view pseudo-labels supervise a strong view)")
+                        "--shots): fixmatch (confident weak-view pseudo-labels supervise a strong view) or selftrain "
+                        "(pseudo-label rounds, a fresh model each round)")
+    g.add_argument("--semi-rounds", type=int, default=1, help="selftrain: pseudo-label rounds (1)")
     g.add_argument("--semi-threshold", type=float, default=0.95, help="FixMatch's confidence threshold (0.95)")
     g.add_argument("--semi-ratio", type=int, default=1, help="unlabelled images per labelled image in a step (1)")
     g.add_argument("--strategy", default="plain", choices=("plain", "gce", "cufit"),
@@ -398,7 +400,7 @@ def run_config_from_args(args) -> "RunConfig":
         class_weighted=args.class_weighted, grad_clip=args.grad_clip or None, augment=args.augment,
         augment_strength=args.augment_strength, mix=args.mix, adapt=args.adapt,
         target_unlabelled=args.target_unlabelled, adapt_weight=args.adapt_weight, strategy=args.strategy,
-        semi=args.semi, semi_threshold=args.semi_threshold, semi_ratio=args.semi_ratio,
+        semi=args.semi, semi_threshold=args.semi_threshold, semi_ratio=args.semi_ratio, semi_rounds=args.semi_rounds,
         cache_features=args.cache_features, device=args.device, amp=not args.no_amp, seed=args.seed,
         threads=args.threads, max_minutes=args.max_minutes, compile=args.compile,
         channels_last=args.channels_last, fused_adamw=not args.no_fused_adamw,

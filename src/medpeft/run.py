@@ -100,7 +100,7 @@ class RunConfig:
                      (None, "forgetting_probe", None), ("train", "adapt", "none"),
                      ("train", "target_unlabelled", None), ("train", "adapt_weight", 1.0), ("train", "strategy", "plain"),
                      ("train", "semi", "none"), ("train", "semi_threshold", 0.95), ("train", "semi_weight", 1.0),
-                     ("train", "semi_ratio", 1),
+                     ("train", "semi_ratio", 1), ("train", "semi_rounds", 1),
                      ("data", "boxes", None), ("data", "box_min_size", 10), ("data", "label_noise", None),
                      ("data", "clean_validation", False), ("data", "noise_seed", None))
 
@@ -281,6 +281,8 @@ def execute(cfg: RunConfig, out_dir: str | Path | None = None, bundle: DataBundl
         from .data.registry import check_source
 
         check_source(_probe_data(cfg))
+    if cfg.train.semi == "selftrain" and cv_folds(cfg.train.select):
+        raise ConfigError("semi selftrain with cross-validated selection (select cv:K) is not supported; use holdout")
     if cfg.train.strategy == "cufit" and cv_folds(cfg.train.select):
         raise ConfigError("strategy cufit with cross-validated selection (select cv:K) is not supported; use holdout")
     target = None
@@ -305,8 +307,11 @@ def execute(cfg: RunConfig, out_dir: str | Path | None = None, bundle: DataBundl
     else:
         model, info, names, configs = _model_for(cfg, bundle)
         curriculum = _curriculum_for(cfg, bundle) if cfg.train.strategy == "cufit" else None
+        last_round = cfg.train.semi != "selftrain"
         result = train_model(model, bundle, info.mean, info.std, cfg.train, lr, progress=progress,
-                             evaluate_test=evaluate_test, target=target, curriculum=curriculum)
+                             evaluate_test=evaluate_test and last_round, target=target, curriculum=curriculum)
+        if not last_round:  # self-training: pseudo-label rounds, each a fresh model on labelled + pseudo-labelled
+            model, result, self_training = _self_training(cfg, bundle, model, info, lr, progress, evaluate_test, target)
         selection_targets, n_selection = plugin.targets(bundle.val).numpy(), len(bundle.val)
     counts = count_parameters(model)
     # e.g. detection's score threshold: chosen on the selection data only, then applied to test
@@ -355,7 +360,8 @@ def execute(cfg: RunConfig, out_dir: str | Path | None = None, bundle: DataBundl
         "semi": None if cfg.train.semi == "none" else {
             "method": cfg.train.semi, "n_unlabelled": len(bundle.unlabelled), "pool": "training split minus its "
             "labelled subset (never validation or test)", "threshold": cfg.train.semi_threshold,
-            "ratio": cfg.train.semi_ratio, "weight": cfg.train.semi_weight},
+            "ratio": cfg.train.semi_ratio, "weight": cfg.train.semi_weight,
+            "rounds": self_training if cfg.train.semi == "selftrain" else None},
         "curriculum": result.curriculum,
         # unsupervised domain adaptation: what adapted the backbone (the folder's name only)
         "adapt": None if target is None else {
@@ -516,6 +522,30 @@ def _model_for(cfg: RunConfig, bundle: DataBundle):
     seed_everything(cfg.train.seed)  # before model creation: adapter init uses the RNG
     return build_model(cfg.backbone, bundle.num_classes, cfg.data.image_size, cfg.method, cfg.method_options,
                        cfg.weights, cfg.pretrained, head_seed=cfg.train.seed, task=bundle.task)
+
+
+def _self_training(cfg: RunConfig, bundle: DataBundle, model, info, lr: float, progress, evaluate_test: bool,
+                   target) -> tuple:
+    """Rounds of pseudo-labelling the unlabelled pool with the current model (confidence >= the
+    threshold) and training a fresh model on labelled + pseudo-labelled images; the test split is
+    read by the last round only. Returns (model, result, [per-round record])."""
+    from .data.splits import concat_sets
+    from .semi import pseudo_labelled
+    from .train import predict_images
+
+    plain = dataclasses.replace(cfg.train, semi="none")
+    rounds, result = [], None
+    for r in range(1, int(cfg.train.semi_rounds) + 1):
+        probabilities = predict_images(model, bundle.unlabelled, info.mean, info.std, bundle.task, bundle.num_classes,
+                                       batch_size=cfg.train.eval_batch_size, device=cfg.train.device)
+        pseudo = pseudo_labelled(bundle.unlabelled, probabilities, cfg.train.semi_threshold)
+        round_bundle = dataclasses.replace(bundle, train=concat_sets([bundle.train, pseudo]))
+        rounds.append({"round": r, "pseudo_labelled": len(pseudo), "pool": len(bundle.unlabelled),
+                       "per_class": [int((pseudo.labels == k).sum()) for k in range(bundle.num_classes)]})
+        model, info, _, _ = _model_for(cfg, round_bundle)
+        result = train_model(model, round_bundle, info.mean, info.std, plain, lr, progress=progress,
+                             evaluate_test=evaluate_test and r == int(cfg.train.semi_rounds), target=target)
+    return model, result, rounds
 
 
 def _curriculum_for(cfg: RunConfig, bundle: DataBundle) -> tuple:

@@ -7,7 +7,12 @@ labels (``DataBundle.unlabelled``, made by the fraction / shots subset); never v
 images, and, because automatic splits keep near-duplicate groups on one side, never a
 near-duplicate of one. Their labels are blanked (-1) before training, so nothing can read them.
 
-Each optimizer step adds a batch of ``ratio x batch_size`` unlabelled images seen twice - weakly
+``selftrain`` (plain self-training, pseudo-label rounds): train on the labelled images; label the
+unlabelled pool with the model's predictions whose confidence reaches ``threshold``; train a fresh
+model (the same seed) on labelled + pseudo-labelled images; repeat for ``rounds``. Selection stays
+on the labelled validation split; the test split is read once, by the last round's model.
+
+FixMatch: each optimizer step adds a batch of ``ratio x batch_size`` unlabelled images seen twice - weakly
 augmented (the ``light`` policy) and strongly augmented (the ``medical`` preset at strength 1.5:
 geometry, intensity and artefacts) - and the loss ``weight * mean_b(1[max p_weak >= threshold] *
 CE(strong, argmax p_weak))``: the model's confident predictions on the weak view are the targets
@@ -22,7 +27,7 @@ import torch.nn.functional as F
 
 from .errors import ConfigError
 
-SEMI = ("none", "fixmatch")
+SEMI = ("none", "fixmatch", "selftrain")
 STRONG_AUGMENT = ("medical", 1.5)
 
 
@@ -62,6 +67,17 @@ class FixMatch:
         rate = self.used / max(self.seen, 1)
         self.used = self.seen = 0
         return rate
+
+
+def pseudo_labelled(unlabelled, probabilities, threshold: float):
+    """The pool's images whose top probability reaches ``threshold``, labelled with its class."""
+    import numpy as np
+
+    probabilities = np.asarray(probabilities)
+    confident = np.flatnonzero(probabilities.max(1) >= threshold)
+    chosen = unlabelled.subset(confident)
+    chosen.labels = torch.as_tensor(probabilities[confident].argmax(1), dtype=torch.int64)
+    return chosen
 
 
 def check_semi(semi: str, kind: str, unlabelled) -> None:

@@ -84,6 +84,7 @@ class TrainConfig:
     semi_threshold: float = 0.95  # FixMatch's pseudo-label confidence threshold
     semi_weight: float = 1.0  # weight of the unlabelled loss
     semi_ratio: int = 1  # unlabelled images per labelled image in a step (FixMatch's mu; the paper: 7)
+    semi_rounds: int = 1  # self-training: pseudo-label rounds after the supervised one
     # auto | on | off: cache the frozen front of the network once per split (head-only training: the
     # features; partial/last-k-blocks: the frozen prefix's output). Needs augment=none and mix=none.
     cache_features: str = "auto"
@@ -117,6 +118,8 @@ class TrainConfig:
             raise ConfigError(f"semi {self.semi!r} is not one of {', '.join(SEMI)}")
         if not (_real(self.semi_threshold) and 0 < self.semi_threshold < 1):
             raise ConfigError(f"semi_threshold must be a probability in (0, 1), got {self.semi_threshold!r}")
+        if not _whole(self.semi_rounds) or self.semi_rounds < 1:
+            raise ConfigError(f"semi_rounds must be a whole number >= 1, got {self.semi_rounds!r}")
         if not (_real(self.semi_weight) and self.semi_weight > 0) or not _whole(self.semi_ratio) or self.semi_ratio < 1:
             raise ConfigError(f"semi_weight must be > 0 and semi_ratio a whole number >= 1, got {self.semi_weight!r}, "
                               f"{self.semi_ratio!r}")
@@ -408,7 +411,7 @@ def prepare_training(model: nn.Module, bundle: DataBundle, mean, std, cfg: Train
         + [f"prompt={cfg.prompt!r}"] * (cfg.prompt != "none") \
         + [f"adapt={cfg.adapt!r}"] * (cfg.adapt != "none") \
         + [f"strategy={cfg.strategy!r}"] * (cfg.strategy == "cufit") \
-        + [f"semi={cfg.semi!r}"] * (cfg.semi != "none")  # the prompt enters after the trunk; DANN and CUFIT read it
+        + [f"semi={cfg.semi!r}"] * (cfg.semi == "fixmatch")  # the prompt enters after the trunk; DANN and CUFIT read it
     n_cached = len(bundle.train) + len(bundle.val) + (len(bundle.test) if with_test else 0)
     probe = train_loader.to_input(train_loader.images[:4])  # no generator: not augmented
     plan = plan_cache(model, cfg.cache_features, stale, probe, n_cached)
