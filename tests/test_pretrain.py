@@ -119,3 +119,21 @@ def test_parameter_efficient_pretraining_moves_only_the_method(folder, tmp_path)
     before, after = start.state_dict(), load_file(str(out))
     moved = {k for k in after if not torch.equal(after[k], before[k])}
     assert moved and all(k.endswith("bias") for k in moved)  # BitFit: the biases alone moved
+
+
+def test_a_sweep_uses_pretrained_weights_per_backbone(folder, tmp_path):
+    from medpeft.bench.grid import Experiment
+
+    from test_benchmark import run_local, store_rows
+
+    out = tmp_path / "ssl.safetensors"
+    pretrain(config(folder, steps=2), out, log=lambda *a: None)
+    exp = Experiment.from_mapping(dict(data=[str(folder)], backbones=["tiny_vit"], methods=["linear"], fractions=[1.0],
+                                       seeds=1, image_size=32, hpo={"trials": 0}, train={"epochs": 1, "batch_size": 8},
+                                       n_boot=20, weights={"tiny_vit": str(out)})).validate()
+    run_local(exp, tmp_path / "sweep", report=False)
+    final = next(r for r in store_rows(tmp_path / "sweep") if r["kind"] == "final")
+    assert final["result"]["metrics"]["weights_source"].startswith("file:")
+    with pytest.raises(ConfigError, match="weights for tiny_vit: file"):
+        Experiment.from_mapping(dict(data=[str(folder)], backbones=["tiny_vit"], methods=["linear"], fractions=[1.0],
+                                     seeds=1, image_size=32, weights={"tiny_vit": str(tmp_path / "nope")})).validate()

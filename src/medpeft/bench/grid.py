@@ -27,7 +27,7 @@ HPO_KEYS = {"trials": "hpo_trials", "parallel": "hpo_parallel", "seed": "hpo_see
             "reduction_factor": "prune_reduction_factor", "trial_n_boot": "trial_n_boot"}
 TOP_KEYS = ("data", "data_root", "medmnist_size", "backbones", "methods", "fractions", "seeds", "image_size",
             "hpo", "train", "method_options", "n_boot", "keep_adapters", "val_labels", "margin", "task",
-            "data_options", "external_test", "corruptions", "align")
+            "data_options", "external_test", "corruptions", "align", "weights")
 RUN_KEYS = ("out", "executor", "address")  # how to run it, not what: allowed in a YAML file too
 # TrainConfig fields a sweep sets itself per run
 TRAIN_RESERVED = ("seed",)
@@ -117,6 +117,8 @@ class Experiment:
     external_test: list = field(default_factory=list)
     corruptions: str | None = None  # a corruption suite every final run's test split is evaluated under
     align: list = field(default_factory=list)  # style alignments of the external sets (align.ALIGNMENTS)
+    # backbone -> local weights file (e.g. in-domain self-supervised weights from medpeft pretrain)
+    weights: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list, compare=False)  # filled by validate()
 
     # ------------------------------------------------------------------ building
@@ -197,6 +199,11 @@ class Experiment:
         else:
             self.external_test = []
         self.align = _names(self.align, "align", where) if self.align else []
+        if not isinstance(self.weights, dict) or any(b not in self.backbones for b in self.weights):
+            raise ConfigError(f"{where}: weights must map backbones of the sweep to weights files, got {self.weights!r}")
+        for backbone, path in self.weights.items():
+            if not Path(str(path)).expanduser().is_file():
+                raise ConfigError(f"{where}: weights for {backbone}: file {path!r} not found")
         from ..align import ALIGNMENTS
 
         if any(a not in ALIGNMENTS for a in self.align) or (self.align and not self.external_test):

@@ -111,7 +111,7 @@ class Sweep:
                           **({"noise_seed": seed} if self.exp.data_options.get("label_noise") else {}))
         train = TrainConfig(**{**self.exp.train, **train_params, "seed": seed})
         cfg = RunConfig(data=data, train=train, backbone=cell.backbone, method=cell.method,
-                        method_options=options, n_boot=n_boot,
+                        method_options=options, n_boot=n_boot, weights=self.exp.weights.get(cell.backbone),
                         # trials never test: their configs (and store keys) leave external sets out
                         external_test=list(self.exp.external_test) if final else [],
                         corruptions=self.exp.corruptions if final else None,
