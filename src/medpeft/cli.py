@@ -60,6 +60,10 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
                         "recorded in noisy_labels.csv")
     g.add_argument("--clean-validation", action="store_true",
                    help="with --label-noise: keep the validation labels clean (default: as noisy as training)")
+    g.add_argument("--synthetic", default=None, metavar="MANIFEST",
+                   help="classification: a CSV manifest path,label of synthetic images added to the training split "
+                        "only (validation and test stay real)")
+    g.add_argument("--synthetic-only", action="store_true", help="train on the synthetic images alone")
     g.add_argument("--box-file", default=None,
                    help="detection: the box file inside the data folder (COCO JSON, Kvasir JSON or CSV "
                         "path,x0,y0,x1,y1,label; default kavsir_bboxes.json if present, else boxes from the masks)")
@@ -389,6 +393,7 @@ def run_config_from_args(args) -> "RunConfig":
         val_labels=args.val_labels, positive_class=args.positive_class, task=args.task,
         boxes=args.box_file, box_min_size=args.box_min_size, label_noise=args.label_noise,
         clean_validation=args.clean_validation, noise_seed=args.seed if args.label_noise else None,
+        synthetic=args.synthetic, synthetic_only=args.synthetic_only,
         mask_classes=args.mask_classes.split(",") if args.mask_classes else None,
         near_duplicate_threshold=(int(args.near_duplicate_threshold) if str(args.near_duplicate_threshold).isdigit()
                                   else args.near_duplicate_threshold),

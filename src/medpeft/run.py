@@ -102,7 +102,8 @@ class RunConfig:
                      ("train", "semi", "none"), ("train", "semi_threshold", 0.95), ("train", "semi_weight", 1.0),
                      ("train", "semi_ratio", 1), ("train", "semi_rounds", 1),
                      ("data", "boxes", None), ("data", "box_min_size", 10), ("data", "label_noise", None),
-                     ("data", "clean_validation", False), ("data", "noise_seed", None))
+                     ("data", "clean_validation", False), ("data", "noise_seed", None), ("data", "synthetic", None),
+                     ("data", "synthetic_only", False))
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)

@@ -123,3 +123,6 @@ class DataConfig:
     label_noise: str | None = None
     clean_validation: bool = False  # keep the validation labels clean (default: as noisy as training)
     noise_seed: int | None = None  # seed of the noise draw; None: subset_seed
+    # a CSV manifest path,label of synthetic images added to the training split only (data/synthetic.py)
+    synthetic: str | None = None
+    synthetic_only: bool = False  # train on the synthetic images alone (validation and test stay real)

@@ -69,6 +69,8 @@ def public_data_config(data: dict) -> dict:
     else:
         out["name"], out["root"] = public_path(name), public_path(root)
     out["split_file"] = public_path(out.get("split_file"))
+    if out.get("synthetic"):
+        out["synthetic"] = public_path(out["synthetic"])
     return out
 
 

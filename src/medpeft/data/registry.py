@@ -170,6 +170,12 @@ def load_data(cfg: DataConfig) -> DataBundle:
 
         apply_label_noise(bundle, cfg.label_noise, cfg.subset_seed if cfg.noise_seed is None else cfg.noise_seed,
                           cfg.clean_validation)
+    if cfg.synthetic:  # after the label budget and the noise: synthetic images are extra, and clean
+        from medpeft.data.synthetic import add_synthetic
+
+        add_synthetic(bundle, cfg)
+    elif cfg.synthetic_only:
+        raise ConfigError("synthetic_only needs a synthetic manifest (--synthetic)")
     return bundle
 
 
