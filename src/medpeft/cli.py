@@ -310,6 +310,42 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--resume", action="store_true", help="continue from OUT.ckpt")
     pre.add_argument("--out", required=True, help="output .safetensors file")
     COMMANDS["pretrain"] = cmd_pretrain
+    gen = sub.add_parser("generator", help="a class-conditional diffusion generator: pretrain, adapt with a PEFT "
+                                           "method, sample, evaluate (medpeft/generator.py)")
+    gsub = gen.add_subparsers(dest="generator_command", required=True)
+    g = gsub.add_parser("pretrain", help="train the generator on a (large) source data set")
+    g.add_argument("--data", required=True)
+    g.add_argument("--data-root", default=None)
+    g.add_argument("--image-size", type=int, default=32)
+    g.add_argument("--steps", type=int, default=2000)
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--lr", type=float, default=2e-4)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--out", required=True, help="generator folder")
+    g = gsub.add_parser("adapt", help="adapt a pre-trained generator to a target with a method")
+    g.add_argument("base", help="the pre-trained generator folder (ignored by --method scratch)")
+    g.add_argument("--data", required=True)
+    g.add_argument("--data-root", default=None)
+    g.add_argument("--method", default="lora", choices=("full", "bitfit", "norm", "lora", "dora", "scratch"))
+    g.add_argument("--rank", type=int, default=8, help="LoRA / DoRA rank")
+    g.add_argument("--fraction", type=float, default=None)
+    g.add_argument("--steps", type=int, default=500)
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--out", required=True)
+    g = gsub.add_parser("sample", help="write class-conditional samples and a manifest (path,label)")
+    g.add_argument("generator")
+    g.add_argument("--per-class", type=int, default=100)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--out", required=True)
+    g = gsub.add_parser("eval", help="FD-DINOv2, KID, precision/recall and memorisation against the target")
+    g.add_argument("generator")
+    g.add_argument("--data", required=True)
+    g.add_argument("--data-root", default=None)
+    g.add_argument("--per-class", type=int, default=100)
+    g.add_argument("--seed", type=int, default=0)
+    COMMANDS["generator"] = cmd_generator
 
     methods = sub.add_parser("methods", help="list every method, the backbones it applies to and its trainable %%")
     methods.add_argument("--backbone", default=None, help="count trainable parameters on this backbone")
@@ -535,6 +571,27 @@ def cmd_pretrain(args) -> int:
     summary = pretrain(cfg, args.out, resume=args.resume)
     print(f"wrote {summary['out']} ({summary['steps']} steps of {cfg.ssl} on {summary['n_images']} images, "
           f"final loss {summary['final_loss']:.4f})")
+    return 0
+
+
+def cmd_generator(args) -> int:
+    import json
+
+    from . import generator
+
+    if args.generator_command == "pretrain":
+        meta = generator.run_pretrain(args.data, args.out, args.image_size, args.steps, args.batch_size, args.lr,
+                                      args.seed, args.data_root)
+        print(f"wrote {args.out} ({meta['steps']} steps on {meta['n_train']} images)")
+    elif args.generator_command == "adapt":
+        meta = generator.run_adapt(args.base, args.data, args.out, args.method, args.fraction, args.steps,
+                                   args.batch_size, args.lr, args.rank, args.seed, args.data_root)
+        print(f"wrote {args.out} ({args.method}: {meta['trainable']:,} of {meta['total']:,} parameters trained)")
+    elif args.generator_command == "sample":
+        print(f"wrote {generator.run_sample(args.generator, args.out, args.per_class, args.seed)}")
+    else:
+        print(json.dumps(generator.run_eval(args.generator, args.data, args.per_class, args.seed, args.data_root),
+                         indent=1))
     return 0
 
 
