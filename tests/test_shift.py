@@ -15,7 +15,7 @@ from PIL import Image
 import medpeft.data.external as external_module
 import medpeft.run as run_module
 from medpeft.data.base import DataConfig
-from medpeft.data.external import _convert_channels, load_external
+from medpeft.data.external import convert_channels, load_external
 from medpeft.errors import ConfigError
 from medpeft.run import RunConfig, execute
 from medpeft.train import TrainConfig
@@ -104,10 +104,10 @@ def test_external_errors_come_before_training(home, away, tmp_path, monkeypatch)
 
 def test_channel_conversion_and_label_space_of_a_manifest(home, tmp_path):
     rgb = torch.tensor([[[[255]], [[0]], [[0]]], [[[10]], [[200]], [[30]]]], dtype=torch.uint8)
-    gray = _convert_channels(rgb, 1)
+    gray = convert_channels(rgb, 1)
     expected = np.round(np.array([255 * 0.299, 10 * 0.299 + 200 * 0.587 + 30 * 0.114]))
     assert gray.shape == (2, 1, 1, 1) and gray.flatten().tolist() == expected.tolist()
-    assert _convert_channels(gray, 3).shape == (2, 3, 1, 1)
+    assert convert_channels(gray, 3).shape == (2, 3, 1, 1)
     # a manifest maps another set's files onto the run's class names
     files = sorted(Path(home).glob("lesion/*.png"))[:3] + sorted(Path(home).glob("normal/*.png"))[:3]
     rows = ["path,label"] + [f"{f},{'lesion' if f.parent.name == 'lesion' else 'normal'}" for f in files]

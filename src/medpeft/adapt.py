@@ -138,7 +138,7 @@ def load_target_images(folder: str, size: int, channels: int, dicom_window: str 
     """Every image file under ``folder`` (recursively; masks named ``*_mask*`` skipped), at the run's
     size and channel count, as an ImageSet without labels. DataError for a missing or empty folder."""
     from .data.base import ImageSet
-    from .data.external import _convert_channels
+    from .data.external import convert_channels
     from .data.io import is_image_file, load_images
 
     if not folder or not os.path.isdir(folder):
@@ -148,6 +148,6 @@ def load_target_images(folder: str, size: int, channels: int, dicom_window: str 
                    if is_image_file(f) and "_mask" not in f and os.sep + "masks" not in root)
     if not files:
         raise DataError(f"--target-unlabelled {folder!r} holds no images; expected image files (png, jpg, dcm, ...)")
-    images = _convert_channels(load_images(files, size, dicom_window), channels)
+    images = convert_channels(load_images(files, size, dicom_window), channels)
     return ImageSet(images=images, labels=torch.zeros(len(files), dtype=torch.long),
                     ids=[os.path.relpath(f, folder) for f in files])

@@ -65,7 +65,7 @@ def check_folder_classes(cfg: DataConfig, class_names: list[str]) -> None:
         raise _mismatch(external_name(cfg.name), found, class_names)
 
 
-def _convert_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
+def convert_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
     if images.shape[1] == channels:
         return images
     if channels == 1:
@@ -113,5 +113,5 @@ def load_external(home: DataConfig, source: str, class_names: list[str], channel
     notes = []
     if pool.images.shape[1] != channels:
         notes.append(f"{pool.images.shape[1]}-channel images converted to {channels} channel(s) like the home set")
-        pool.images = _convert_channels(pool.images, channels)
+        pool.images = convert_channels(pool.images, channels)
     return ExternalSet(name=name, images=pool, notes=notes)

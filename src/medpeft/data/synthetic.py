@@ -33,9 +33,9 @@ def add_synthetic(bundle: DataBundle, cfg: DataConfig) -> None:
     synth.ids = [f"synthetic/{i}" for i in synth.ids]
     synth.groups = None
     if synth.images.shape[1] != bundle.train.images.shape[1]:
-        from medpeft.data.external import _convert_channels
+        from medpeft.data.external import convert_channels
 
-        synth.images = _convert_channels(synth.images, bundle.train.images.shape[1])
+        synth.images = convert_channels(synth.images, bundle.train.images.shape[1])
     n_real = len(bundle.train)
     train = synth if cfg.synthetic_only else concat_sets([dataclasses.replace(bundle.train, groups=None), synth])
     bundle.train = train

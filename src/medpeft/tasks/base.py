@@ -19,6 +19,29 @@ from ..data.base import DataBundle, ImageSet
 from ..errors import ConfigError
 
 
+def best_worst_figure(path: Path, images, scores: np.ndarray, score_name: str, draw, title: str, n: int = 3) -> None:
+    """The ``n`` best and ``n`` worst test images by a per-image score (NaN ranks lowest), each drawn
+    as the image with ``draw(ax, index)`` overlaid: the test-case figure of segmentation and detection."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = np.argsort(np.nan_to_num(scores, nan=-1.0), kind="stable")
+    picks = list(order[::-1][:n]) + list(order[:n])
+    fig, axes = plt.subplots(2, n, figsize=(3 * n, 6.4), squeeze=False)
+    for k, (ax, i) in enumerate(zip(axes.ravel(), picks)):
+        image = images[i].permute(1, 2, 0).numpy()
+        ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray")
+        draw(ax, i)
+        ax.set_title(f"{'best' if k < n else 'worst'}: {score_name} {scores[i]:.3g}", fontsize=9)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 class Task:
     name: str = ""
     # metric name -> "max" (higher is better) or "min"

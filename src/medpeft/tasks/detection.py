@@ -26,7 +26,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import re
 from collections import OrderedDict
 from pathlib import Path
 
@@ -42,8 +41,8 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from ..data.base import DataBundle, ImageSet
 from ..errors import ConfigError
-from .base import Task
-from .segmentation import FeatureTaps
+from .base import Task, best_worst_figure
+from .segmentation import FeatureTaps, _safe_name
 
 PYRAMID_CHANNELS = 64  # torchvision's FCOS: 256 at 800 px on a GPU; 64 keeps the head cheaper than the backbone on a CPU
 HEAD_CONVS = 2  # torchvision: 4
@@ -252,30 +251,13 @@ def case_figure(path: Path, test: ImageSet, preds: list[dict], targets: list[dic
                 threshold: float, n: int = 3) -> None:
     """The n best and n worst test images by per-image F1 at IoU 0.5: ground truth green,
     detections at or above the validation-chosen threshold red, with scores."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    order = np.argsort(np.nan_to_num(f1, nan=-1.0), kind="stable")
-    picks = list(order[::-1][:n]) + list(order[:n])
-    fig, axes = plt.subplots(2, n, figsize=(3 * n, 6.4), squeeze=False)
-    for ax, i in zip(axes.ravel(), picks):
-        image = test.images[i].permute(1, 2, 0).numpy()
-        ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray")
+    def draw(ax, i):
         keep = preds[i]["scores"] >= threshold
         _draw_boxes(ax, targets[i]["boxes"], "lime")
         _draw_boxes(ax, preds[i]["boxes"][keep], "red", preds[i]["scores"][keep])
-        ax.set_title(f"{'best' if i in picks[:n] else 'worst'}: F1 {f1[i]:.2f}", fontsize=9)
-        ax.axis("off")
-    fig.suptitle(f"test cases (green: ground truth, red: detections with score >= {threshold:.2f})", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
 
-
-def _safe_name(ident: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", ident)
+    best_worst_figure(path, test.images, f1, "F1", draw,
+                      f"test cases (green: ground truth, red: detections with score >= {threshold:.2f})", n)
 
 
 def _rows(entry: dict, scale=(1.0, 1.0)) -> list[dict]:

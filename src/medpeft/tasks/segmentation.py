@@ -22,7 +22,7 @@ from torch import nn
 
 from ..data.base import DataBundle, ImageSet
 from ..errors import ConfigError
-from .base import Task
+from .base import Task, best_worst_figure
 
 DECODER_CHANNELS = 64
 PYRAMID_LEVELS = 4
@@ -200,26 +200,12 @@ CASES_FILE = "test_cases.png"
 
 def case_figure(path: Path, test: ImageSet, predictions: np.ndarray, dice: np.ndarray, n: int = 3) -> None:
     """The n best and n worst test images by Dice: image, ground truth (green) and prediction (red) contours."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    order = np.argsort(np.nan_to_num(dice, nan=-1.0), kind="stable")
-    picks = list(order[::-1][:n]) + list(order[:n])
-    fig, axes = plt.subplots(2, n, figsize=(3 * n, 6.4), squeeze=False)
-    for ax, i in zip(axes.ravel(), picks):
-        image = test.images[i].permute(1, 2, 0).numpy()
-        ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray")
+    def draw(ax, i):
         for mask, color in ((test.masks[i].numpy(), "lime"), (np.asarray(predictions[i]), "red")):
             if mask.any():
                 ax.contour(mask > 0, levels=[0.5], colors=color, linewidths=1.2)
-        ax.set_title(f"{'best' if i in picks[:n] else 'worst'}: Dice {dice[i]:.3f}", fontsize=9)
-        ax.axis("off")
-    fig.suptitle("test cases (green: ground truth, red: prediction)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+
+    best_worst_figure(path, test.images, dice, "Dice", draw, "test cases (green: ground truth, red: prediction)", n)
 
 
 def _safe_name(ident: str) -> str:
