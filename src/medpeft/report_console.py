@@ -65,7 +65,11 @@ def print_run_summary(metrics: dict) -> None:
     from .calibration import summary_lines
 
     for name, value in (metrics.get("fitted_on_validation") or {}).items():  # e.g. detection's score threshold
-        console.print(f"{name.replace('_', ' ')} (chosen on validation): {value:.4g}", highlight=False)
+        if isinstance(value, dict):  # e.g. segmentation's post-processing: key=value pairs
+            value = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in value.items())
+        elif isinstance(value, (int, float)):
+            value = f"{value:.4g}"
+        console.print(f"{name.replace('_', ' ')} (chosen on validation): {value}", highlight=False)
     for line in summary_lines(metrics):  # calibration and operating point of a classification run
         console.print(line, highlight=False)
     if "out_dir" in metrics:

@@ -60,6 +60,9 @@ class TrainConfig:
     monitor: str = "auto"
     seg_loss: str = "dice_ce"  # segmentation loss: dice_ce | dice | ce | dice_focal
     nsd_tolerance: float = 2.0  # segmentation: surface-Dice tolerance in pixels
+    # segmentation: auto (connected-component clean-up chosen on validation Dice, tasks/seg_postprocess.py)
+    # or none (the raw argmax masks)
+    seg_postprocess: str = "auto"
     # segmentation with a promptable model (litemedsam): none (a learned default prompt) or box
     # (each image's ground-truth bounding box, jittered in training): "prompted" results, never
     # to be ranked with unprompted ones
@@ -133,6 +136,8 @@ class TrainConfig:
             raise ConfigError(f"adapt_weight must be a number > 0, got {self.adapt_weight!r}")
         if self.seg_loss not in SEG_LOSSES:
             raise ConfigError(f"seg_loss {self.seg_loss!r} is not one of {', '.join(SEG_LOSSES)}")
+        if self.seg_postprocess not in ("auto", "none"):
+            raise ConfigError(f"seg_postprocess {self.seg_postprocess!r} is not one of auto, none")
         if isinstance(self.nsd_tolerance, bool) or not isinstance(self.nsd_tolerance, (int, float)) \
                 or self.nsd_tolerance < 0:
             raise ConfigError(f"nsd_tolerance must be a number of pixels >= 0, got {self.nsd_tolerance!r}")
@@ -259,6 +264,7 @@ def task_options(bundle: DataBundle, cfg: TrainConfig, device=None) -> dict:
     return {"kind": bundle.task, "num_classes": bundle.num_classes,
             "positive": 1 if bundle.positive_class is None else int(bundle.positive_class),
             "class_weighted": cfg.class_weighted, "seg_loss": cfg.seg_loss, "nsd_tolerance": cfg.nsd_tolerance,
+            "seg_postprocess": cfg.seg_postprocess,
             "monitor": task.resolve_monitor(cfg.monitor), "device": device or "cpu", "prompt": cfg.prompt,
             "strategy": cfg.strategy}
 

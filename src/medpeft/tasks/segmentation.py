@@ -12,6 +12,7 @@ plain timm model and its feature maps are read with forward hooks while its own
 from __future__ import annotations
 
 import csv
+import json
 import re
 from pathlib import Path
 
@@ -281,18 +282,37 @@ class SegmentationTask(Task):
         return mean_scores(predictions, targets, options["num_classes"], options.get("nsd_tolerance", 2.0),
                            distances=distances)
 
+    def fit_on_validation(self, targets, predictions, options) -> dict:
+        """The connected-component post-processing with the best validation Dice (seg_postprocess.py);
+        ``seg_postprocess: none`` keeps the raw masks."""
+        from . import seg_postprocess
+
+        if options.get("seg_postprocess", "auto") == "none" or predictions is None:
+            return {"postprocess": dict(seg_postprocess.NOTHING)}
+        return {"postprocess": seg_postprocess.choose(targets, predictions, options["num_classes"])}
+
     def metrics_with_ci(self, targets, predictions, options, n_boot, seed):
         from .seg_metrics import seg_metrics_with_ci
+        from .seg_postprocess import apply
 
+        predictions = apply(predictions, options.get("postprocess"))
         return seg_metrics_with_ci(predictions, targets, options["num_classes"],
                                    nsd_tolerance=options.get("nsd_tolerance", 2.0), n_boot=n_boot, seed=seed)
 
-    def write_user_predictions(self, files, predictions, class_names, kind, out):
+    def predict_settings(self, metadata: dict, image_size: int) -> dict:
+        """What ``medpeft predict`` applies: the run's validation-chosen post-processing."""
+        return {"fitted": json.loads(metadata.get("fitted_on_validation") or "{}")}
+
+    def write_user_predictions(self, files, predictions, class_names, kind, out, fitted: dict | None = None):
         """Per image: ``<stem>_mask.png`` (class index x 255 // (K - 1), at the image's own size) and
-        ``<stem>_overlay.png`` (the image with the predicted region tinted red)."""
+        ``<stem>_overlay.png`` (the image with the predicted region tinted red), after the run's
+        validation-chosen post-processing."""
         from PIL import Image
 
         from ..errors import ConfigError
+        from .seg_postprocess import apply
+
+        predictions = apply(predictions, (fitted or {}).get("postprocess"))
 
         if not out:
             raise ConfigError("medpeft predict on a segmentation run needs --out FOLDER for the mask PNGs")
@@ -317,7 +337,9 @@ class SegmentationTask(Task):
         from PIL import Image
 
         from .seg_metrics import per_image
+        from .seg_postprocess import apply
 
+        predictions = apply(predictions, (options or {}).get("postprocess"))
         folder = out / "test_masks"
         folder.mkdir(parents=True, exist_ok=True)
         scale = 255 // max(bundle.num_classes - 1, 1)
