@@ -66,3 +66,8 @@ def test_pretrain_adapt_sample_round_trip_and_synthetic_use(tmp_path):
         generator.load(tmp_path)
     with pytest.raises(ConfigError, match="generator method 'ia3'"):
         generator.run_adapt(tmp_path / "base", str(target), tmp_path / "x", method="ia3")
+
+
+def test_build_unet_refuses_a_size_its_two_downsamplings_cannot_take():
+    with pytest.raises(ConfigError, match="generator image size 18 must be a multiple of 4"):
+        generator.build_unet(18, 1, 2, width=8)

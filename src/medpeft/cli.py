@@ -9,8 +9,12 @@ import os
 import dataclasses
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import ConfigError, MedpeftError
+
+if TYPE_CHECKING:  # the annotation of run_config_from_args only (run.py imports torch)
+    from .run import RunConfig
 
 
 def _bool(text: str) -> bool:
@@ -188,6 +192,9 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                         "of the task (auroc, acc, balanced_acc, f1, sensitivity, specificity; dice, iou, vs, hd95, "
                         "assd, nsd)")
     g.add_argument("--seg-loss", default="dice_ce", help="segmentation loss: dice_ce (default), dice, ce, dice_focal")
+    g.add_argument("--seg-postprocess", default="auto", choices=("auto", "none"),
+                   help="segmentation: auto (default) drops small components / keeps the largest when that "
+                        "raises validation Dice; none keeps the raw masks")
     g.add_argument("--prompt", default="none", choices=("none", "box"),
                    help="segmentation with litemedsam: none (default: a learned prompt) or box (each image's "
                         "ground-truth bounding box, jittered in training; results are 'prompted', never ranked "
@@ -310,9 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--resume", action="store_true", help="continue from OUT.ckpt")
     pre.add_argument("--out", required=True, help="output .safetensors file")
     COMMANDS["pretrain"] = cmd_pretrain
-    gen = sub.add_parser("generator", help="a class-conditional diffusion generator: pretrain, adapt with a PEFT "
-                                           "method, sample, evaluate (medpeft/generator.py)")
-    gsub = gen.add_subparsers(dest="generator_command", required=True, help="pretrain, adapt, sample or eval")
+    gen = sub.add_parser("generator", help="a diffusion generator (class-conditional, or Stable Diffusion "
+                                           "text-to-image): pretrain, adapt with a PEFT method, sample, evaluate")
+    gsub = gen.add_subparsers(dest="generator_command", required=True,
+                              help="pretrain, adapt, sample, eval or tiny-sd")
     g = gsub.add_parser("pretrain", help="train the generator on a (large) source data set")
     g.add_argument("--data", required=True, help="a classification data source (MedMNIST name, folder, manifest)")
     g.add_argument("--data-root", default=None, help="data root (MedMNIST: default $MEDPEFT_DATA)")
@@ -322,30 +330,54 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=2e-4, help="learning rate (2e-4)")
     g.add_argument("--seed", type=int, default=0, help="seed of batches, noise and sampling")
     g.add_argument("--out", required=True, help="generator folder")
-    g = gsub.add_parser("adapt", help="adapt a pre-trained generator to a target with a method")
-    g.add_argument("base", help="the pre-trained generator folder (ignored by --method scratch)")
+    g = gsub.add_parser("adapt", help="adapt a pre-trained generator or Stable Diffusion to a target with a method")
+    g.add_argument("base", help="a generator folder (ignored by --method scratch), or a Stable Diffusion folder "
+                                "(model_index.json) or Hub id: text-to-image")
     g.add_argument("--data", required=True, help="a classification data source (MedMNIST name, folder, manifest)")
     g.add_argument("--data-root", default=None, help="data root (MedMNIST: default $MEDPEFT_DATA)")
     g.add_argument("--method", default="lora", choices=("full", "bitfit", "norm", "lora", "dora", "scratch"),
-                   help="how the generator adapts (scratch: no pre-training, the baseline)")
+                   help="how the generator adapts (scratch: no pre-training, the baseline; not for Stable Diffusion)")
     g.add_argument("--rank", type=int, default=8, help="LoRA / DoRA rank")
     g.add_argument("--fraction", type=float, default=None, help="label fraction of the target's training split")
     g.add_argument("--steps", type=int, default=500, help="training steps (500)")
     g.add_argument("--batch-size", type=int, default=32, help="images per step (32)")
     g.add_argument("--lr", type=float, default=1e-4, help="learning rate (1e-4)")
     g.add_argument("--seed", type=int, default=0, help="seed of batches, noise and sampling")
-    g.add_argument("--out", required=True)
-    g = gsub.add_parser("sample", help="write class-conditional samples and a manifest (path,label)")
+    g.add_argument("--prompt", default=None,
+                   help="text-to-image: the prompt template, {label} = class name (default 'a medical image of "
+                        "{label}')")
+    g.add_argument("--image-size", type=int, default=None,
+                   help="text-to-image: training and sample size, a multiple of the VAE x UNet downsampling (64)")
+    g.add_argument("--out", required=True, help="generator folder")
+    g = gsub.add_parser("sample", help="write samples of each class (or --classes) and a manifest (path,label)")
     g.add_argument("generator", help="a generator folder")
     g.add_argument("--per-class", type=int, default=100, help="images generated per class (100)")
+    g.add_argument("--classes", default=None, help="only these classes: NAME,NAME,... (default: all)")
     g.add_argument("--seed", type=int, default=0, help="seed of batches, noise and sampling")
-    g.add_argument("--out", required=True)
+    g.add_argument("--guidance", type=float, default=None,
+                   help="text-to-image: classifier-free guidance scale (1: none, the default)")
+    g.add_argument("--base", default=None,
+                   help="text-to-image: the Stable Diffusion folder, when its path was not recorded")
+    g.add_argument("--out", required=True, help="folder of PNGs and manifest.csv")
     g = gsub.add_parser("eval", help="FD-DINOv2, KID, precision/recall and memorisation against the target")
     g.add_argument("generator", help="a generator folder")
     g.add_argument("--data", required=True, help="a classification data source (MedMNIST name, folder, manifest)")
     g.add_argument("--data-root", default=None, help="data root (MedMNIST: default $MEDPEFT_DATA)")
     g.add_argument("--per-class", type=int, default=100, help="images generated per class (100)")
     g.add_argument("--seed", type=int, default=0, help="seed of batches, noise and sampling")
+    g.add_argument("--guidance", type=float, default=None,
+                   help="text-to-image: classifier-free guidance scale (1: none, the default)")
+    g.add_argument("--base", default=None,
+                   help="text-to-image: the Stable Diffusion folder, when its path was not recorded")
+    g = gsub.add_parser("tiny-sd", help="write a tiny random Stable Diffusion folder: an offline smoke test of "
+                                        "the text-to-image path, not a real generator")
+    g.add_argument("out", help="folder to write (model_index.json, unet/, vae/, text_encoder/, tokenizer/)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    g = gsub.add_parser("report", help="the study's tables: each generator's FD / KID / precision / recall / "
+                                       "memorisation / cost, and classifiers with synthetic images vs real only")
+    g.add_argument("folder", help="a folder of generator folders and 'medpeft run' folders (results/synthetic/run.sh)")
+    g.add_argument("--metric", default="auroc", help="the classifiers' test metric (auroc)")
+    g.add_argument("--margin", type=float, default=0.02, help="equivalence margin of the TOST (0.02)")
     COMMANDS["generator"] = cmd_generator
 
     methods = sub.add_parser("methods", help="list every method, the backbones it applies to and its trainable %%")
@@ -437,7 +469,7 @@ def run_config_from_args(args) -> "RunConfig":
     )
     train = TrainConfig(
         epochs=args.epochs, steps=args.steps, select=args.select, min_steps=args.min_steps, bn_stats=args.bn_stats, batch_size=args.batch_size, lr=args.lr, head_lr=args.head_lr, weight_decay=args.weight_decay,
-        warmup_epochs=args.warmup_epochs, patience=args.patience, monitor=args.monitor, seg_loss=args.seg_loss, prompt=args.prompt,
+        warmup_epochs=args.warmup_epochs, patience=args.patience, monitor=args.monitor, seg_loss=args.seg_loss, seg_postprocess=args.seg_postprocess, prompt=args.prompt,
         nsd_tolerance=args.nsd_tolerance,
         class_weighted=args.class_weighted, grad_clip=args.grad_clip or None, augment=args.augment,
         augment_strength=args.augment_strength, mix=args.mix, adapt=args.adapt,
@@ -586,13 +618,24 @@ def cmd_generator(args) -> int:
         print(f"wrote {args.out} ({meta['steps']} steps on {meta['n_train']} images)")
     elif args.generator_command == "adapt":
         meta = generator.run_adapt(args.base, args.data, args.out, args.method, args.fraction, args.steps,
-                                   args.batch_size, args.lr, args.rank, args.seed, args.data_root)
+                                   args.batch_size, args.lr, args.rank, args.seed, args.data_root,
+                                   prompt=args.prompt, image_size=args.image_size)
         print(f"wrote {args.out} ({args.method}: {meta['trainable']:,} of {meta['total']:,} parameters trained)")
     elif args.generator_command == "sample":
-        print(f"wrote {generator.run_sample(args.generator, args.out, args.per_class, args.seed)}")
+        manifest = generator.run_sample(args.generator, args.out, args.per_class, args.seed, args.classes,
+                                        args.guidance, args.base)
+        print(f"wrote {manifest}")
+    elif args.generator_command == "report":
+        from .gen_report import write_report
+
+        print(f"wrote {write_report(args.folder, args.metric, args.margin)}")
+    elif args.generator_command == "tiny-sd":
+        from .text2image import make_tiny_pipeline
+
+        print(f"wrote {make_tiny_pipeline(args.out, args.seed)} (a tiny random Stable Diffusion: a smoke test only)")
     else:
-        print(json.dumps(generator.run_eval(args.generator, args.data, args.per_class, args.seed, args.data_root),
-                         indent=1))
+        print(json.dumps(generator.run_eval(args.generator, args.data, args.per_class, args.seed, args.data_root,
+                                            guidance=args.guidance, base=args.base), indent=1))
     return 0
 
 

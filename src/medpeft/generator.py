@@ -25,6 +25,11 @@ for the target's classes and trained, like a classifier head):
 What is saved is the merged UNet (LoRA / DoRA folded in by medpeft's one merge walk) as
 safetensors with ``generator.json`` (size, channels, classes, method, trainable count, steps,
 seed, data) beside it; a folder loads strictly.
+
+A Stable Diffusion folder (or Hub id) as ``adapt``'s base makes the second kind, a text-to-image
+generator prompted with the class name (``medpeft/text2image.py``); it shares this module's
+method helper (``set_trainable``) and training loop (``fit``). ``sample`` and ``eval`` read
+either kind (generator.json's ``kind``: absent for this one, ``text2image`` for that one).
 """
 from __future__ import annotations
 
@@ -66,33 +71,44 @@ def new_class_embedding(unet: nn.Module, num_classes: int, seed: int) -> None:
         unet.class_embedding = nn.Embedding(num_classes, dim)
 
 
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")
+
+
+def set_trainable(model: nn.Module, method: str, rank: int = 8, targets=LORA_TARGETS) -> None:
+    """Freeze ``model`` and make the method's parameters trainable: full / scratch every weight,
+    bitfit the biases, norm the GroupNorm / LayerNorm affines, lora / dora peft adapters on the
+    modules named ``targets`` (rank ``rank``, alpha = 2 rank). Shared by both kinds of generator."""
+    if method in ("full", "scratch"):
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if method == "bitfit":
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.requires_grad_(True)
+    elif method == "norm":
+        for module in model.modules():
+            if isinstance(module, (nn.GroupNorm, nn.LayerNorm)):
+                for p in module.parameters():
+                    p.requires_grad_(True)
+    elif method in ("lora", "dora"):
+        from peft import LoraConfig, inject_adapter_in_model
+
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets),
+                                           use_dora=method == "dora", init_lora_weights=True), model)
+        for name, p in model.named_parameters():
+            p.requires_grad_("lora_" in name)
+    else:
+        raise ConfigError(f"generator method {method!r} is not one of {', '.join(METHODS)}")
+
+
 def apply_method(unet: nn.Module, method: str, rank: int = 8) -> None:
     """Freeze the UNet and make the method's parameters (and the class embedding) trainable."""
     if method not in METHODS:
         raise ConfigError(f"generator method {method!r} is not one of {', '.join(METHODS)}")
-    if method in ("full", "scratch"):
-        for p in unet.parameters():
-            p.requires_grad_(True)
-        return
-    for p in unet.parameters():
-        p.requires_grad_(False)
-    if method == "bitfit":
-        for name, p in unet.named_parameters():
-            if name.endswith(".bias"):
-                p.requires_grad_(True)
-    elif method == "norm":
-        for module in unet.modules():
-            if isinstance(module, (nn.GroupNorm, nn.LayerNorm)):
-                for p in module.parameters():
-                    p.requires_grad_(True)
-    else:
-        from peft import LoraConfig, inject_adapter_in_model
-
-        targets = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
-        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets,
-                                           use_dora=method == "dora", init_lora_weights=True), unet)
-        for name, p in unet.named_parameters():
-            p.requires_grad_("lora_" in name)
+    set_trainable(unet, method, rank)
     for p in unet.class_embedding.parameters():
         p.requires_grad_(True)
 
@@ -109,31 +125,47 @@ def merged(unet: nn.Module) -> nn.Module:
 def train(unet: nn.Module, images: torch.Tensor, labels: torch.Tensor, steps: int, batch_size: int, lr: float,
           seed: int, log=print) -> nn.Module:
     """DDPM training of the trainable parameters; returns the EMA model (what is saved)."""
+    x_all = images.float() / 127.5 - 1.0  # [-1, 1]
+    return fit(unet, x_all, labels, steps, batch_size, lr, seed,
+               lambda model, noisy, t, y: model(noisy, t, class_labels=y).sample, log=log)
+
+
+def fit(model: nn.Module, x_all: torch.Tensor, conditions: torch.Tensor, steps: int, batch_size: int, lr: float,
+        seed: int, predict, scheduler=None, log=print) -> nn.Module:
+    """The training loop both kinds of generator share: DDPM noise prediction (or v-prediction, as
+    ``scheduler`` says) of ``model``'s trainable parameters on ``x_all`` (pixels or latents) with
+    per-image ``conditions`` (labels); ``predict(model, noisy, t, conditions)`` is the model's
+    output. Each step's batch, noise and timesteps come from a generator seeded by (seed, step),
+    drawn on the CPU whatever the model's device. Returns the EMA model."""
     from diffusers import DDPMScheduler
 
-    scheduler = DDPMScheduler(num_train_timesteps=TRAIN_TIMESTEPS)
-    params = [p for p in unet.parameters() if p.requires_grad]
+    scheduler = scheduler or DDPMScheduler(num_train_timesteps=TRAIN_TIMESTEPS)
+    num_timesteps, target_kind = scheduler.config.num_train_timesteps, scheduler.config.prediction_type
+    if target_kind not in ("epsilon", "v_prediction"):
+        raise ConfigError(f"the noise scheduler predicts {target_kind!r}; medpeft trains 'epsilon' or 'v_prediction'")
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    ema = copy.deepcopy(unet).eval()
+    ema = copy.deepcopy(model).eval()
     for p in ema.parameters():
         p.requires_grad_(False)
-    x_all = images.float() / 127.5 - 1.0  # [-1, 1]
     began = time.perf_counter()
-    unet.train()
+    model.train()
     for step in range(steps):
         gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
         index = torch.randint(0, len(x_all), (batch_size,), generator=gen)
-        x0, y = x_all[index], labels[index]
-        noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, TRAIN_TIMESTEPS, (batch_size,), generator=gen)
+        x0, y = x_all[index].to(device), conditions[index].to(device)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        t = torch.randint(0, num_timesteps, (batch_size,), generator=gen).to(device)
         noisy = scheduler.add_noise(x0, noise, t)
-        loss = F.mse_loss(unet(noisy, t, class_labels=y).sample, noise)
+        target = noise if target_kind == "epsilon" else scheduler.get_velocity(x0, noise, t)
+        loss = F.mse_loss(predict(model, noisy, t, y), target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         decay = min(EMA_DECAY, (1 + step) / (10 + step))  # diffusers' EMA warm-up: early weights count less
         with torch.no_grad():  # frozen tensors are equal in both already
-            for e, p in zip(ema.parameters(), unet.parameters()):
+            for e, p in zip(ema.parameters(), model.parameters()):
                 if p.requires_grad:
                     e.mul_(decay).add_(p.detach(), alpha=1 - decay)
         if (step + 1) % max(1, steps // 10) == 0:
@@ -177,13 +209,62 @@ def load(folder: str | Path) -> tuple[nn.Module, dict]:
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
+    meta = json.loads((folder / CONFIG_FILE).read_text()) if (folder / CONFIG_FILE).is_file() else {}
+    if meta.get("kind") is not None:
+        raise ConfigError(f"{folder} is a {meta['kind']} generator, not a class-conditional UNet "
+                          "(medpeft.text2image.load reads it)")
+    if not meta or not (folder / WEIGHTS_FILE).is_file():
         raise ConfigError(f"{folder} is not a generator folder ({CONFIG_FILE} and {WEIGHTS_FILE} written by "
                           "'medpeft generator pretrain' or 'adapt')")
-    meta = json.loads((folder / CONFIG_FILE).read_text())
-    unet = build_unet(meta["image_size"], meta["channels"], len(meta["class_names"]))
+    unet = build_unet(meta["image_size"], meta["channels"], len(meta["class_names"]), meta.get("width", 32))
     unet.load_state_dict(load_file(str(folder / WEIGHTS_FILE)), strict=True)
     return unet.eval(), meta
+
+
+def load_any(folder: str | Path, base=None, guidance: float | None = None):
+    """(kind, model, meta) of either kind of generator folder (generator.json's ``kind``: absent
+    for the class-conditional UNet, ``text2image`` for Stable Diffusion); ``base`` and
+    ``guidance`` are the text-to-image generator's only."""
+    from . import text2image
+
+    path = Path(folder) / CONFIG_FILE
+    kind = json.loads(path.read_text()).get("kind") if path.is_file() else None
+    if kind == text2image.KIND:
+        model, meta = text2image.load(folder, base)
+        return kind, model, meta
+    if kind is not None:
+        raise ConfigError(f"{folder}: unknown generator kind {kind!r} in {CONFIG_FILE}")
+    unet, meta = load(folder)
+    if guidance not in (None, 1, 1.0):
+        raise ConfigError(f"--guidance is for text-to-image generators; {folder} is a class-conditional one "
+                          "(trained without an unconditional class)")
+    if base is not None:
+        raise ConfigError(f"--base is for text-to-image generators (where the Stable Diffusion weights are); "
+                          f"{folder} is a class-conditional one and holds all its weights")
+    return "unet", unet, meta
+
+
+def class_labels(class_names, per_class: int, classes=None) -> torch.Tensor:
+    """``per_class`` labels of each class, or of ``classes`` only (names, or one comma-separated string)."""
+    names = list(class_names)
+    if classes is None:
+        chosen = list(range(len(names)))
+    else:
+        wanted = [c.strip() for c in classes.split(",")] if isinstance(classes, str) else list(classes)
+        unknown = [c for c in wanted if c not in names]
+        if unknown or not wanted:
+            raise ConfigError(f"--classes: {unknown[0] if unknown else 'nothing'!r} is not a class of this "
+                              f"generator; it knows {', '.join(map(str, names))}")
+        chosen = [names.index(c) for c in dict.fromkeys(wanted)]
+    return torch.tensor(chosen, dtype=torch.long).repeat_interleave(per_class)
+
+
+def _generate(kind: str, model, labels: torch.Tensor, seed: int, guidance: float | None) -> torch.Tensor:
+    from . import text2image
+
+    if kind == text2image.KIND:
+        return text2image.sample(model, labels, seed=seed, guidance=1.0 if guidance is None else guidance)
+    return sample(model, labels, seed=seed)
 
 
 def _training_images(data: str, image_size: int, fraction: float | None, seed: int, root: str | None):
@@ -216,9 +297,19 @@ def run_pretrain(data: str, out, image_size: int = 32, steps: int = 2000, batch_
 
 def run_adapt(base, data: str, out, method: str = "lora", fraction: float | None = None, steps: int = 500,
               batch_size: int = 32, lr: float = 1e-4, rank: int = 8, seed: int = 0, root: str | None = None,
-              log=print) -> dict:
+              log=print, prompt: str | None = None, image_size: int | None = None) -> dict:
+    """Adapt ``base`` to ``data``: a generator folder (the class-conditional UNet), or a Stable
+    Diffusion folder / Hub id (text-to-image, ``text2image.run_adapt``: ``prompt`` and ``image_size``)."""
+    from . import text2image
     from .data.privacy import public_path
 
+    if text2image.is_pipeline(base) or (method != "scratch" and base is not None and text2image.is_hub_id(base)):
+        return text2image.run_adapt(base, data, out, method, fraction, steps, batch_size, lr, rank, seed, root, log,
+                                    prompt=prompt or text2image.DEFAULT_PROMPT,
+                                    image_size=image_size or text2image.DEFAULT_IMAGE_SIZE)
+    if prompt is not None:
+        raise ConfigError(f"--prompt is for a Stable Diffusion base (a folder with model_index.json); {base} is a "
+                          "class-conditional generator")
     if method not in METHODS:
         raise ConfigError(f"generator method {method!r} is not one of {', '.join(METHODS)}")
     if method == "scratch":
@@ -227,6 +318,9 @@ def run_adapt(base, data: str, out, method: str = "lora", fraction: float | None
     else:
         unet, base_meta = load(base)
         size = base_meta["image_size"]
+    if image_size is not None and image_size != size:
+        raise ConfigError(f"--image-size {image_size}: a class-conditional generator adapts at its own size "
+                          f"({size}); --image-size is for a Stable Diffusion base")
     bundle = _training_images(data, size, fraction, seed, root)
     if bundle.in_channels != base_meta.get("channels", bundle.in_channels):
         raise ConfigError(f"{data!r} has {bundle.in_channels}-channel images; the base generator makes "
@@ -245,19 +339,24 @@ def run_adapt(base, data: str, out, method: str = "lora", fraction: float | None
             "rank": rank if method in ("lora", "dora") else None, "steps": steps, "seed": seed,
             "data": public_path(data), "fraction": fraction, "n_train": len(bundle.train), "trainable": trainable,
             "total": sum(p.numel() for p in unet.parameters()), "train_seconds": time.perf_counter() - began,
-            "base": None if method == "scratch" else public_path(str(base)), "width": base_meta.get("width", 32)}
+            "base": None if method == "scratch" else public_path(str(base)), "width": base_meta.get("width", 32),
+            # what storing the adaptation alone takes (float32 trainable tensors; the folder keeps the merged UNet)
+            "adapter_bytes": 4 * trainable}
     save(out, ema, meta)
     return meta
 
 
-def run_sample(folder, out, per_class: int = 100, seed: int = 0) -> str:
+def run_sample(folder, out, per_class: int = 100, seed: int = 0, classes=None, guidance: float | None = None,
+               base=None) -> str:
+    """PNGs of ``per_class`` samples of each class (or of ``classes``) and their manifest.csv
+    (path,label) under ``out``; either kind of generator."""
     from PIL import Image
 
-    unet, meta = load(folder)
+    kind, model, meta = load_any(folder, base, guidance)
+    labels = class_labels(meta["class_names"], per_class, classes)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    labels = torch.arange(len(meta["class_names"])).repeat_interleave(per_class)
-    images = sample(unet, labels, seed=seed)
+    images = _generate(kind, model, labels, seed, guidance)
     rows = ["path,label"]
     for i, (image, label) in enumerate(zip(images, labels.tolist())):
         array = image.permute(1, 2, 0).numpy()
@@ -269,7 +368,7 @@ def run_sample(folder, out, per_class: int = 100, seed: int = 0) -> str:
 
 
 def run_eval(folder, data: str, per_class: int = 100, seed: int = 0, root: str | None = None,
-             feature_backbone: str = "dinov2_vits14") -> dict:
+             feature_backbone: str = "dinov2_vits14", guidance: float | None = None, base=None) -> dict:
     """FD and KID on the feature backbone's pooled features (DINOv2: FD-DINOv2), k-NN precision /
     recall, and memorisation in pixel space, of samples against the target's training images."""
     from .backbones import create_backbone
@@ -277,10 +376,10 @@ def run_eval(folder, data: str, per_class: int = 100, seed: int = 0, root: str |
     from .forgetting import pooled_features
     from .gen_metrics import frechet_distance, kernel_inception_distance, memorisation, precision_recall
 
-    unet, meta = load(folder)
+    kind, model, meta = load_any(folder, base, guidance)
     bundle = _training_images(data, meta["image_size"], None, seed, root)
-    labels = torch.arange(len(meta["class_names"])).repeat_interleave(per_class)
-    generated = sample(unet, labels, seed=seed)
+    labels = class_labels(meta["class_names"], per_class)
+    generated = _generate(kind, model, labels, seed, guidance)
     size = max(56, meta["image_size"])
     encoder, info = create_backbone(feature_backbone, num_classes=0, image_size=size)
 
