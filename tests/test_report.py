@@ -235,3 +235,74 @@ def test_leaderboard_shows_holm_p_and_verdict(report):
     text = buf.getvalue()
     assert "p Holm" in text and "verdict" in text and "equivalent" in text and "reference" in text
     assert "linear ◆" in text  # the method chosen on validation
+
+
+# ---------------------------------------------------------------- which backbone? (paired by seed)
+BACKBONE_TEST = {  # (backbone, method) -> test values for seeds 0..3 at fraction 0.1
+    ("cnn", "full"): [0.60, 0.62, 0.61, 0.63], ("cnn", "lora"): [0.70, 0.71, 0.69, 0.72],
+    ("vit", "full"): [0.61, 0.60, 0.64, 0.62], ("vit", "lora"): [0.60, 0.62, 0.58, 0.63],
+    ("med", "full"): [0.80, 0.83, 0.81, 0.82], ("med", "lora"): [0.701, 0.709, 0.691, 0.721],
+}
+
+
+def make_backbone_store(out: Path, subset_offset: dict | None = None) -> None:
+    n = 0
+    with Store(out) as store:
+        store.set_meta("experiment", {"data": ["toy"], "backbones": ["cnn", "vit", "med"], "fractions": [0.1],
+                                      "seeds": list(SEEDS), "train": {"monitor": "auroc"}})
+        for (backbone, method), values in BACKBONE_TEST.items():
+            for seed in SEEDS:
+                n += 1
+                cell = {"id": f"toy|{backbone}|{method}|0.1", "data": "toy", "backbone": backbone, "method": method,
+                        "fraction": 0.1}
+                job = {"key": f"k{n}", "kind": "final", "cell": cell, "seed": seed, "trial": None, "params": {},
+                       "config": {}}
+                store.mark_running(job)
+                metrics = {"test": {"auroc": {"value": values[seed]}}, "monitor": "auroc",
+                           "subset_seed": seed + 100 + (subset_offset or {}).get(backbone, 0)}
+                store.record({"key": job["key"], "status": "done", "outcome": "complete", "value": 0.7,
+                              "metrics": metrics, "seconds": 1.0, "worker": "w"})
+
+
+def test_backbone_pairs_paired_by_seed_with_holm_over_the_family(tmp_path):
+    make_backbone_store(tmp_path)
+    rep = build_report(tmp_path)
+    comps = rep["backbones"]
+    # 3 backbones -> 3 pairs per method, A first in sweep order
+    assert [(r["method"], r["backbone_a"], r["backbone_b"]) for r in comps] == [
+        (m, a, b) for m in ("full", "lora") for a, b in (("cnn", "vit"), ("cnn", "med"), ("vit", "med"))]
+    raw = []
+    for r in comps:
+        ref = paired_test(BACKBONE_TEST[(r["backbone_a"], r["method"])], BACKBONE_TEST[(r["backbone_b"], r["method"])])
+        assert r["delta"] == pytest.approx(ref["mean_diff"]) and r["p_t"] == pytest.approx(ref["t_pvalue"])
+        assert r["same_subsets"] is True and r["seeds"] == list(SEEDS)
+        raw.append(ref["t_pvalue"])
+    assert [r["p_holm"] for r in comps] == pytest.approx(holm(raw))  # one family: every backbone comparison
+    assert [r["q_bh"] for r in comps] == pytest.approx(benjamini_hochberg(raw))
+    got = {(r["method"], r["backbone_a"], r["backbone_b"]): r["verdict"] for r in comps}
+    assert got[("full", "cnn", "med")] == "worse" and got[("lora", "cnn", "vit")] == "better"
+    assert got[("lora", "cnn", "med")] == "equivalent"  # within 0.002 on every seed
+    csv = pd.read_csv(Path(rep["dir"]) / "backbones.csv")
+    assert len(csv) == 6 and list(csv["p_holm"]) == pytest.approx(holm(raw))
+    md = Path(rep["markdown"]).read_text()
+    assert "## Which backbone? The same method on each backbone, paired by seed" in md
+    assert "| toy | 0.1 | full | cnn | med | 0.6150 | 0.8150 | -0.2000 [" in md
+
+
+def test_backbone_pairs_direction_and_subset_check(tmp_path):
+    from medpeft.bench.report import backbone_comparisons, final_runs
+
+    make_backbone_store(tmp_path, subset_offset={"vit": 7})
+    with Store.open_readonly(tmp_path) as store:
+        runs = final_runs(store, "auroc")
+    lower = backbone_comparisons(runs, higher_is_better=False)  # e.g. HD95: the lower backbone is better
+    higher = backbone_comparisons(runs)
+    flip = {"better": "worse", "worse": "better", "equivalent": "equivalent", "inconclusive": "inconclusive"}
+    assert [flip[r["verdict"]] for r in higher] == [r["verdict"] for r in lower]
+    assert {(r["backbone_a"], r["backbone_b"]): r["same_subsets"] for r in higher if r["method"] == "full"} == {
+        ("cnn", "vit"): False, ("cnn", "med"): True, ("vit", "med"): False}
+
+
+def test_one_backbone_has_no_backbone_section(report):
+    assert report["backbones"] == [] and "Which backbone?" not in report["md"]
+    assert not (Path(report["dir"]) / "backbones.csv").exists()

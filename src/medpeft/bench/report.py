@@ -15,6 +15,8 @@ From the final runs (one per seed) in the store, per cell (data set, backbone, l
 - a convergence note when most runs of a method peaked at their last epoch;
 - plots: metric vs label fraction per method; metric vs trainable % with the Pareto front;
   validation learning curves (monitored metric vs optimizer step);
+- with two or more backbones: every pair of backbones per data set x method x fraction, paired by
+  seed, Holm / BH over those comparisons (``backbones.csv``: "which backbone?");
 - ``report.md``, a self-contained ``report.html`` (plots embedded), ``summary.csv``, ``runs.csv``.
 
 Everything is written to ``<out>/report/`` and rebuilt from the store by ``medpeft report <out>``.
@@ -342,7 +344,9 @@ def _plots(summary: list[dict], out: Path, metric: str, direction: str = "max") 
                                     f"test {metric} (mean +- std over seeds)", f"{label(data)} - {backbone}",
                                     out / _safe(f"{label(data)}_{backbone}_{metric}_vs_fraction.png"), ncol=2)
         for fraction in fractions:
-            pts = [r for r in rows if r["fraction"] == fraction and r["mean"] == r["mean"] and r["trainable_pct"]]
+            # a log axis: runs without a recorded (positive) trainable share have no place on it
+            pts = [r for r in rows if r["fraction"] == fraction and r["mean"] == r["mean"]
+                   and r["trainable_pct"] == r["trainable_pct"] and (r["trainable_pct"] or 0) > 0]
             if not pts:
                 continue
             fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -466,6 +470,61 @@ def shift_rows(runs, metric: str) -> list[list[str]]:
                          _num(sum(home) / len(home)), _num(sum(away) / len(away)),
                          f"{drop['mean']:+.4f} [{_num(drop['low'])}, {_num(drop['high'])}]", _num(ratio, 3)])
     return rows
+
+
+BACKBONE_HEADER = ["data", "fraction", "method", "backbone A", "backbone B", "A mean", "B mean",
+                   "delta A - B (95% CI)", "p t (raw)", "p Holm", "q BH", "TOST p", "verdict (A vs B)", "seeds",
+                   "same labelled images"]
+
+
+def backbone_comparisons(runs, margin: float = DEFAULT_MARGIN, alpha: float = ALPHA,
+                         higher_is_better: bool = True) -> list[dict]:
+    """Which backbone? Every pair of backbones run with the same data set, method and fraction, paired by seed.
+
+    A seed draws the same label subset on every backbone of a sweep (the subset seed does not depend on
+    the backbone), so pairing by seed removes the subset's share of the variance; ``same_subsets`` says
+    whether the recorded subset seeds agree. A is the backbone that comes first in the sweep. Holm and BH
+    adjust over every backbone comparison of the sweep (one family: "which backbone?"), apart from the
+    method-vs-full family of ``summarize``. ``higher_is_better=False`` (HD95): "better" means lower.
+    """
+    from itertools import combinations
+
+    sign = 1.0 if higher_is_better else -1.0
+    out: list[dict] = []
+    if runs.empty or runs["backbone"].nunique() < 2:
+        return out
+    order = list(dict.fromkeys(runs["backbone"]))
+    for (data, method, fraction), group in runs.groupby(["data", "method", "fraction"], sort=False):
+        present = [b for b in order if b in set(group["backbone"])]
+        for a_name, b_name in combinations(present, 2):
+            a_rows = group[group.backbone == a_name].set_index("seed")
+            b_rows = group[group.backbone == b_name].set_index("seed")
+            seeds = sorted(s for s in set(a_rows.index) & set(b_rows.index)
+                           if a_rows["value"][s] == a_rows["value"][s] and b_rows["value"][s] == b_rows["value"][s])
+            if not seeds:
+                continue
+            a, b = [float(a_rows["value"][s]) for s in seeds], [float(b_rows["value"][s]) for s in seeds]
+            test = paired_test(a, b)
+            subsets = [(a_rows["subset_seed"][s], b_rows["subset_seed"][s]) for s in seeds]
+            known = [(x, y) for x, y in subsets if x == x and y == y and x is not None and y is not None]
+            out.append({"data": data, "fraction": fraction, "method": method, "backbone_a": a_name,
+                        "backbone_b": b_name, "n_pairs": test["n"], "seeds": seeds,
+                        "mean_a": sum(a) / len(a), "mean_b": sum(b) / len(b), "delta": test["mean_diff"],
+                        "delta_low": test["diff_low"], "delta_high": test["diff_high"], "p_t": test["t_pvalue"],
+                        "tost_p": tost_paired(a, b, margin, alpha)["p"],
+                        "same_subsets": (all(x == y for x, y in known) if known else None)})
+    for r, p, q in zip(out, holm([r["p_t"] for r in out]), benjamini_hochberg([r["p_t"] for r in out])):
+        r["p_holm"], r["q_bh"] = p, q
+        r["verdict"] = verdict(sign * r["delta"], p, r["tost_p"], alpha)
+    return out
+
+
+def backbone_rows(comparisons: list[dict]) -> list[list[str]]:
+    return [[label(r["data"]), f"{r['fraction']:g}", r["method"], r["backbone_a"], r["backbone_b"],
+             _num(r["mean_a"]), _num(r["mean_b"]),
+             f"{r['delta']:+.4f} [{_num(r['delta_low'])}, {_num(r['delta_high'])}]", _p(r["p_t"]),
+             _p(r["p_holm"]), _p(r["q_bh"]), _p(r["tost_p"]), r["verdict"], ", ".join(str(s) for s in r["seeds"]),
+             {True: "yes", False: "no", None: "unknown"}[r["same_subsets"]]] for r in comparisons]
 
 
 ROBUSTNESS_HEADER = ["data", "backbone", "fraction", "method", "seeds", "clean test mean (suite metric)", "corrupted mean",
@@ -755,7 +814,7 @@ def _trial_counts(trials: list[dict]) -> str:
 
 def _blocks(summary, cells, store: Store, plots: dict, metric: str, notes: list[str], margin: float,
             n_runs: int, lower_val_is_better: bool = False, shift: list | None = None,
-            robustness: list | None = None) -> list[Block]:
+            robustness: list | None = None, backbones: list | None = None) -> list[Block]:
     experiment = store.get_meta("experiment")
     monitor = experiment_task(experiment).resolve_monitor(((experiment or {}).get("train") or {}).get("monitor", "auto"))
     sweep_notes = store.get_meta("notes") or []
@@ -785,6 +844,17 @@ def _blocks(summary, cells, store: Store, plots: dict, metric: str, notes: list[
     if conclusion:
         blocks.append(Block("h2", "Does PEFT beat full fine-tuning?"))
         blocks.append(Block("list", rows=conclusion))
+    if backbones:  # the same method on different backbones, paired by seed (same label subsets)
+        better = "lower" if experiment_task(experiment).direction(metric) == "min" else "higher"
+        blocks.append(Block("h2", "Which backbone? The same method on each backbone, paired by seed"))
+        blocks.append(Block("p", f"Test {metric} of backbone A minus backbone B for the same data set, method, label "
+                                 f"fraction and seeds (a seed draws the same labelled images on every backbone; "
+                                 f"'same labelled images' checks the recorded subset seeds). Paired t over seeds; "
+                                 f"p Holm and q BH adjust over every backbone comparison of the sweep; TOST within "
+                                 f"+-{margin:g}; verdict for A against B ({better} {metric} is better). Each backbone "
+                                 f"runs at its own image size and, where it has one, with its own decoder: the "
+                                 f"comparison is of backbones as this sweep configured them."))
+        blocks.append(Block("table", header=BACKBONE_HEADER, rows=backbone_rows(backbones)))
     from ..calibration import CALIBRATION_TABLE_HEADER, calibration_summary_lines
 
     sentence, calibration_rows = calibration_summary_lines(summary, BASELINE)
@@ -1043,9 +1113,13 @@ def build_report(out_dir: str | Path, metric: str | None = None, formats=("csv",
             columns = [k for k in summary[0] if k != "params"]
             pd.DataFrame([{k: _csv_value(r[k]) for k in columns} for r in summary]).to_csv(
                 report_dir / "summary.csv", index=False)
+        backbones = backbone_comparisons(runs, margin=margin, higher_is_better=task.direction(metric) == "max")
+        if backbones:
+            pd.DataFrame([{k: _csv_value(v) for k, v in r.items()} for r in backbones]).to_csv(
+                report_dir / "backbones.csv", index=False)
         blocks = _blocks(summary, cells, store, plots, metric, notes, margin, len(runs),
                          task.direction(monitor) == "min", shift=shift_rows(runs, metric),
-                         robustness=robustness_rows(runs))
+                         robustness=robustness_rows(runs), backbones=backbones)
         md_path, html_path = report_dir / "report.md", report_dir / "report.html"
         md_path.write_text(to_markdown(blocks, report_dir))
         html_path.write_text(to_html(blocks))
@@ -1055,7 +1129,7 @@ def build_report(out_dir: str | Path, metric: str | None = None, formats=("csv",
                                 *entry.get("robustness", {}).values()] if p]
         return {"dir": str(report_dir), "markdown": str(md_path), "html": str(html_path),
                 "plots": [str(p) for p in plot_files], "exports": [str(p) for p in files], "notes": notes,
-                "summary": summary, "cells": cells, "metric": metric, "margin": margin}
+                "summary": summary, "cells": cells, "backbones": backbones, "metric": metric, "margin": margin}
     finally:
         store.close()
 
