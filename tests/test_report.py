@@ -245,7 +245,7 @@ BACKBONE_TEST = {  # (backbone, method) -> test values for seeds 0..3 at fractio
 }
 
 
-def make_backbone_store(out: Path, subset_offset: dict | None = None) -> None:
+def make_backbone_store(out: Path, subset_offset: dict | None = None, test_split: dict | None = None) -> None:
     n = 0
     with Store(out) as store:
         store.set_meta("experiment", {"data": ["toy"], "backbones": ["cnn", "vit", "med"], "fractions": [0.1],
@@ -259,7 +259,9 @@ def make_backbone_store(out: Path, subset_offset: dict | None = None) -> None:
                        "config": {}}
                 store.mark_running(job)
                 metrics = {"test": {"auroc": {"value": values[seed]}}, "monitor": "auroc",
-                           "subset_seed": seed + 100 + (subset_offset or {}).get(backbone, 0)}
+                           "subset_seed": seed + 100 + (subset_offset or {}).get(backbone, 0),
+                           "split": {"train_ids_sha256": "aa", "val_ids_sha256": "bb",
+                                     "test_ids_sha256": (test_split or {}).get(backbone, "cc")}}
                 store.record({"key": job["key"], "status": "done", "outcome": "complete", "value": 0.7,
                               "metrics": metrics, "seconds": 1.0, "worker": "w"})
 
@@ -275,7 +277,7 @@ def test_backbone_pairs_paired_by_seed_with_holm_over_the_family(tmp_path):
     for r in comps:
         ref = paired_test(BACKBONE_TEST[(r["backbone_a"], r["method"])], BACKBONE_TEST[(r["backbone_b"], r["method"])])
         assert r["delta"] == pytest.approx(ref["mean_diff"]) and r["p_t"] == pytest.approx(ref["t_pvalue"])
-        assert r["same_subsets"] is True and r["seeds"] == list(SEEDS)
+        assert r["same_subsets"] is True and r["same_split"] is True and r["seeds"] == list(SEEDS)
         raw.append(ref["t_pvalue"])
     assert [r["p_holm"] for r in comps] == pytest.approx(holm(raw))  # one family: every backbone comparison
     assert [r["q_bh"] for r in comps] == pytest.approx(benjamini_hochberg(raw))
@@ -286,21 +288,26 @@ def test_backbone_pairs_paired_by_seed_with_holm_over_the_family(tmp_path):
     assert len(csv) == 6 and list(csv["p_holm"]) == pytest.approx(holm(raw))
     md = Path(rep["markdown"]).read_text()
     assert "## Which backbone? The same method on each backbone, paired by seed" in md
-    assert "| toy | 0.1 | full | cnn | med | 0.6150 | 0.8150 | -0.2000 [" in md
+    line = next(line for line in md.splitlines() if line.startswith("| toy | 0.1 | full | cnn | med | 0.6150 | 0.8150 | -0.2000 ["))
+    assert line.endswith("| 0, 1, 2, 3 | yes |")
 
 
 def test_backbone_pairs_direction_and_subset_check(tmp_path):
-    from medpeft.bench.report import backbone_comparisons, final_runs
+    from medpeft.bench.report import _same_images, backbone_comparisons, final_runs
 
-    make_backbone_store(tmp_path, subset_offset={"vit": 7})
+    make_backbone_store(tmp_path, subset_offset={"vit": 7}, test_split={"med": "other"})
     with Store.open_readonly(tmp_path) as store:
         runs = final_runs(store, "auroc")
     lower = backbone_comparisons(runs, higher_is_better=False)  # e.g. HD95: the lower backbone is better
     higher = backbone_comparisons(runs)
     flip = {"better": "worse", "worse": "better", "equivalent": "equivalent", "inconclusive": "inconclusive"}
     assert [flip[r["verdict"]] for r in higher] == [r["verdict"] for r in lower]
-    assert {(r["backbone_a"], r["backbone_b"]): r["same_subsets"] for r in higher if r["method"] == "full"} == {
-        ("cnn", "vit"): False, ("cnn", "med"): True, ("vit", "med"): False}
+    full = [r for r in higher if r["method"] == "full"]
+    assert {(r["backbone_a"], r["backbone_b"]): (r["same_split"], r["same_subsets"]) for r in full} == {
+        ("cnn", "vit"): (True, False), ("cnn", "med"): (False, True), ("vit", "med"): (False, False)}
+    # a different test split (e.g. grouped at another image size) is flagged, not silently paired
+    assert [_same_images(r) for r in full] == ["no: the label subsets differ", "no: the splits differ",
+                                               "no: the splits differ"]
 
 
 def test_one_backbone_has_no_backbone_section(report):

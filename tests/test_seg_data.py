@@ -102,6 +102,16 @@ def test_busi_split_keeps_near_duplicates_together(busi):
         assert part.masks.shape[0] == len(part)
 
 
+def test_busi_split_does_not_depend_on_the_image_size(busi, busi_root):
+    # near-duplicates are found on the files, not on the resized copies (whose hashes move with the
+    # size): backbones run at different sizes in one sweep are tested on the same images
+    small = load_data(seg_config(busi_root, image_size=56))
+    for a, b in ((busi.train, small.train), (busi.val, small.val), (busi.test, small.test)):
+        assert a.ids == b.ids
+    assert small.split_info["test_ids_sha256"] == busi.split_info["test_ids_sha256"]
+    assert small.split_info["groups_on_two_sides"] == 0
+
+
 # ----------------------------------------------------------------------------- real data: Kvasir-SEG
 @pytest.fixture(scope="module")
 def kvasir_root() -> Path:

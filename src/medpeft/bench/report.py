@@ -137,6 +137,8 @@ def final_runs(store: Store, metric: str):
             "n_val": metrics.get("n_val"), "n_selection": selection["n_selection_labels"],
             "val_labels": selection["val_labels"], "selection_mode": selection["mode"],
             "subset_seed": subset_seed, "monitor": metrics.get("monitor"),
+            # which images each split held (hashes of their ids): paired runs must share them
+            "split_ids": _split_ids(metrics),
             "params": row.get("params") or {}, "best_epoch": metrics.get("best_epoch"),
             "best_is_last": metrics.get("best_is_last"), "curve": metrics.get("curve"),
             "out_dir": metrics.get("out_dir"),
@@ -153,6 +155,12 @@ def final_runs(store: Store, metric: str):
             **{k: float("nan") if v is None else float(v) for k, v in _calibration(metrics).items()},
         })
     return pd.DataFrame.from_records(records)
+
+
+def _split_ids(metrics: dict) -> str | None:
+    split = metrics.get("split") or {}
+    hashes = [split.get(f"{name}_ids_sha256") for name in ("train", "val", "test")]
+    return None if None in hashes else "/".join(hashes)
 
 
 def _calibration(metrics: dict) -> dict:
@@ -474,7 +482,7 @@ def shift_rows(runs, metric: str) -> list[list[str]]:
 
 BACKBONE_HEADER = ["data", "fraction", "method", "backbone A", "backbone B", "A mean", "B mean",
                    "delta A - B (95% CI)", "p t (raw)", "p Holm", "q BH", "TOST p", "verdict (A vs B)", "seeds",
-                   "same labelled images"]
+                   "same split and labelled images"]
 
 
 def backbone_comparisons(runs, margin: float = DEFAULT_MARGIN, alpha: float = ALPHA,
@@ -482,8 +490,9 @@ def backbone_comparisons(runs, margin: float = DEFAULT_MARGIN, alpha: float = AL
     """Which backbone? Every pair of backbones run with the same data set, method and fraction, paired by seed.
 
     A seed draws the same label subset on every backbone of a sweep (the subset seed does not depend on
-    the backbone), so pairing by seed removes the subset's share of the variance; ``same_subsets`` says
-    whether the recorded subset seeds agree. A is the backbone that comes first in the sweep. Holm and BH
+    the backbone), so pairing by seed removes the subset's share of the variance; ``same_split`` and
+    ``same_subsets`` say whether the recorded split id hashes and subset seeds agree (stores from before
+    the split stopped depending on the image size can hold different splits per image size). A is the backbone that comes first in the sweep. Holm and BH
     adjust over every backbone comparison of the sweep (one family: "which backbone?"), apart from the
     method-vs-full family of ``summarize``. ``higher_is_better=False`` (HD95): "better" means lower.
     """
@@ -505,18 +514,36 @@ def backbone_comparisons(runs, margin: float = DEFAULT_MARGIN, alpha: float = AL
                 continue
             a, b = [float(a_rows["value"][s]) for s in seeds], [float(b_rows["value"][s]) for s in seeds]
             test = paired_test(a, b)
-            subsets = [(a_rows["subset_seed"][s], b_rows["subset_seed"][s]) for s in seeds]
-            known = [(x, y) for x, y in subsets if x == x and y == y and x is not None and y is not None]
             out.append({"data": data, "fraction": fraction, "method": method, "backbone_a": a_name,
                         "backbone_b": b_name, "n_pairs": test["n"], "seeds": seeds,
                         "mean_a": sum(a) / len(a), "mean_b": sum(b) / len(b), "delta": test["mean_diff"],
                         "delta_low": test["diff_low"], "delta_high": test["diff_high"], "p_t": test["t_pvalue"],
                         "tost_p": tost_paired(a, b, margin, alpha)["p"],
-                        "same_subsets": (all(x == y for x, y in known) if known else None)})
+                        "same_split": _agree(a_rows, b_rows, seeds, "split_ids"),
+                        "same_subsets": _agree(a_rows, b_rows, seeds, "subset_seed")})
     for r, p, q in zip(out, holm([r["p_t"] for r in out]), benjamini_hochberg([r["p_t"] for r in out])):
         r["p_holm"], r["q_bh"] = p, q
         r["verdict"] = verdict(sign * r["delta"], p, r["tost_p"], alpha)
     return out
+
+
+def _agree(a_rows, b_rows, seeds, column: str) -> bool | None:
+    """Do the paired runs record the same ``column`` for every seed? None: not recorded."""
+    if column not in a_rows or column not in b_rows:
+        return None
+    pairs = [(a_rows[column][s], b_rows[column][s]) for s in seeds]
+    known = [(x, y) for x, y in pairs if x is not None and y is not None and x == x and y == y]
+    return all(x == y for x, y in known) if known else None
+
+
+def _same_images(r: dict) -> str:
+    if r["same_split"] is False:
+        return "no: the splits differ"
+    if r["same_subsets"] is False:
+        return "no: the label subsets differ"
+    if r["same_split"] and r["same_subsets"] is not False:
+        return "yes"
+    return "unknown"
 
 
 def backbone_rows(comparisons: list[dict]) -> list[list[str]]:
@@ -524,7 +551,7 @@ def backbone_rows(comparisons: list[dict]) -> list[list[str]]:
              _num(r["mean_a"]), _num(r["mean_b"]),
              f"{r['delta']:+.4f} [{_num(r['delta_low'])}, {_num(r['delta_high'])}]", _p(r["p_t"]),
              _p(r["p_holm"]), _p(r["q_bh"]), _p(r["tost_p"]), r["verdict"], ", ".join(str(s) for s in r["seeds"]),
-             {True: "yes", False: "no", None: "unknown"}[r["same_subsets"]]] for r in comparisons]
+             _same_images(r)] for r in comparisons]
 
 
 ROBUSTNESS_HEADER = ["data", "backbone", "fraction", "method", "seeds", "clean test mean (suite metric)", "corrupted mean",
@@ -848,8 +875,10 @@ def _blocks(summary, cells, store: Store, plots: dict, metric: str, notes: list[
         better = "lower" if experiment_task(experiment).direction(metric) == "min" else "higher"
         blocks.append(Block("h2", "Which backbone? The same method on each backbone, paired by seed"))
         blocks.append(Block("p", f"Test {metric} of backbone A minus backbone B for the same data set, method, label "
-                                 f"fraction and seeds (a seed draws the same labelled images on every backbone; "
-                                 f"'same labelled images' checks the recorded subset seeds). Paired t over seeds; "
+                                 f"fraction and seeds (a seed draws the same labelled images on every backbone; the "
+                                 f"last column checks the recorded split and subset seeds: where they differ the runs "
+                                 f"were not tested on the same images and the pairing is approximate). Paired t over "
+                                 f"seeds; "
                                  f"p Holm and q BH adjust over every backbone comparison of the sweep; TOST within "
                                  f"+-{margin:g}; verdict for A against B ({better} {metric} is better). Each backbone "
                                  f"runs at its own image size and, where it has one, with its own decoder: the "

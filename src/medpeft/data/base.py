@@ -27,6 +27,9 @@ class ImageSet:
             run's image size; None for classification.
     boxes:  detection targets: float32 [N, M, 5] rows (x0, y0, x1, y1, label) in pixels of the
             run's image size, NaN rows as padding (``data.detection``); None for other tasks.
+    files:  the image files a loader read (a pool's only, never carried by ``subset`` or written
+            out): near-duplicates are found on them at their own resolution, so an automatic split
+            does not depend on the run's image size.
     """
 
     images: torch.Tensor
@@ -35,6 +38,7 @@ class ImageSet:
     groups: list[str] | None = None
     masks: torch.Tensor | None = None
     boxes: torch.Tensor | None = None
+    files: list[str] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])

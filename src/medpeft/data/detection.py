@@ -136,7 +136,7 @@ def load_detection(kind: str, where: str, cfg: DataConfig) -> DetectionSource:
         groups = folder_groups(where, ids)[0]  # video sequences / patients the folder documents
     strata = torch.tensor([int(len(b) > 0) for b, _ in per_image], dtype=torch.int64)
     pool = ImageSet(images=stack_mixed_channels(images), labels=strata, ids=ids, groups=groups,
-                    boxes=padded_boxes(per_image))
+                    boxes=padded_boxes(per_image), files=[item.path for item in annotations.images])
     name = os.path.basename(os.path.normpath(where)) if kind == "folder" else os.path.splitext(os.path.basename(where))[0]
     corrections = {k: v for k, v in annotations.corrections.items() if v}
     return DetectionSource(name=name, class_names=list(annotations.class_names), pool=pool, split=None,

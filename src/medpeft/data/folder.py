@@ -69,7 +69,8 @@ def load_image_folder(root: str, cfg: DataConfig) -> tuple[str, str, list[str], 
         from medpeft.data.groups import folder_groups
 
         groups = folder_groups(root, rel_paths)[0]
-    pool = ImageSet(images=images, labels=torch.tensor(labels, dtype=torch.int64), ids=rel_paths, groups=groups)
+    pool = ImageSet(images=images, labels=torch.tensor(labels, dtype=torch.int64), ids=rel_paths, groups=groups,
+                    files=files)
     task = "binary" if len(class_names) == 2 else "multiclass"
     name = os.path.basename(os.path.normpath(root))
     return name, task, class_names, pool

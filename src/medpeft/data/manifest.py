@@ -202,6 +202,6 @@ def load_manifest(path: str, cfg: DataConfig) -> Manifest:
         from medpeft.data.folder import _dicom_groups
 
         groups = _dicom_groups(files)
-    pool = ImageSet(images=images, labels=labels, ids=ids, groups=groups)
+    pool = ImageSet(images=images, labels=labels, ids=ids, groups=groups, files=files)
     name = os.path.splitext(os.path.basename(path))[0]
     return Manifest(name=name, task=task, class_names=class_names, pool=pool, split=split, root=root_real)

@@ -390,7 +390,7 @@ def _pool(root: str, pairs, cfg: DataConfig, class_names: list[str], labels, gro
         from medpeft.data.folder import _dicom_groups
 
         groups = _dicom_groups([f for f, _ in files])
-    return ImageSet(images=images, labels=strata, ids=ids, groups=groups, masks=masks)
+    return ImageSet(images=images, labels=strata, ids=ids, groups=groups, masks=masks, files=[f for f, _ in files])
 
 
 def load_mask_folder(root: str, cfg: DataConfig) -> SegmentationSource:

@@ -186,7 +186,10 @@ def _with_near_duplicate_groups(pool, cfg: DataConfig):
         return pool
     from medpeft.data.near_duplicates import leak_free_groups
 
-    groups = leak_free_groups(pool, threshold=cfg.near_duplicate_threshold)
+    # hashed from the files when the loader kept them: the same groups, hence the same split, at every
+    # image size (hashes of resized copies differ slightly from size to size)
+    groups = leak_free_groups(pool.files if pool.files is not None else pool, threshold=cfg.near_duplicate_threshold,
+                              existing=pool.groups)
     if pool.groups is None and len(set(groups)) == len(groups):
         return pool  # no near-duplicates: the plain stratified split applies
     pool.groups = groups
