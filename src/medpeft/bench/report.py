@@ -492,9 +492,9 @@ def backbone_comparisons(runs, margin: float = DEFAULT_MARGIN, alpha: float = AL
     A seed draws the same label subset on every backbone of a sweep (the subset seed does not depend on
     the backbone), so pairing by seed removes the subset's share of the variance; ``same_split`` and
     ``same_subsets`` say whether the recorded split id hashes and subset seeds agree (stores from before
-    the split stopped depending on the image size can hold different splits per image size). A is the backbone that comes first in the sweep. Holm and BH
-    adjust over every backbone comparison of the sweep (one family: "which backbone?"), apart from the
-    method-vs-full family of ``summarize``. ``higher_is_better=False`` (HD95): "better" means lower.
+    the split stopped depending on the image size can hold different splits per image size). A is the
+    backbone that comes first in the sweep. Holm and BH adjust over every backbone comparison of the
+    sweep (one family: "which backbone?"), apart from the method-vs-full family of ``summarize``. ``higher_is_better=False`` (HD95): "better" means lower.
     """
     from itertools import combinations
 
@@ -541,7 +541,7 @@ def _same_images(r: dict) -> str:
         return "no: the splits differ"
     if r["same_subsets"] is False:
         return "no: the label subsets differ"
-    if r["same_split"] and r["same_subsets"] is not False:
+    if r["same_split"]:  # and the subsets did not differ (checked above)
         return "yes"
     return "unknown"
 
