@@ -494,7 +494,8 @@ def backbone_comparisons(runs, margin: float = DEFAULT_MARGIN, alpha: float = AL
     ``same_subsets`` say whether the recorded split id hashes and subset seeds agree (stores from before
     the split stopped depending on the image size can hold different splits per image size). A is the
     backbone that comes first in the sweep. Holm and BH adjust over every backbone comparison of the
-    sweep (one family: "which backbone?"), apart from the method-vs-full family of ``summarize``. ``higher_is_better=False`` (HD95): "better" means lower.
+    sweep (one family: "which backbone?"), apart from the method-vs-full family of ``summarize``.
+    ``higher_is_better=False`` (HD95): "better" means lower.
     """
     from itertools import combinations
 
