@@ -313,3 +313,118 @@ def test_backbone_pairs_direction_and_subset_check(tmp_path):
 def test_one_backbone_has_no_backbone_section(report):
     assert report["backbones"] == [] and "Which backbone?" not in report["md"]
     assert not (Path(report["dir"]) / "backbones.csv").exists()
+
+
+# ---------------------------------------------------------------- shift: which methods lose least?
+SHIFT_RUNS = {  # (backbone, method) -> per seed: (home test, external "B", external "B+fda", relative robustness)
+    ("cnn", "full"): [(0.80, 0.50, 0.56, 0.70), (0.82, 0.52, 0.57, 0.72), (0.81, 0.49, 0.55, 0.71),
+                      (0.83, 0.53, 0.60, 0.69)],
+    ("cnn", "lora"): [(0.84, 0.62, 0.63, 0.80), (0.85, 0.61, 0.615, 0.82), (0.83, 0.63, 0.645, 0.79),
+                      (0.86, 0.60, 0.60, 0.81)],
+    ("cnn", "ssf"): [(0.80, 0.51, 0.49, 0.70), (0.82, 0.50, 0.48, 0.73), (0.81, 0.52, 0.505, 0.70),
+                     (0.83, 0.52, 0.50, 0.68)],
+    ("med", "full"): [(0.78, 0.70, 0.71, 0.90), (0.79, 0.72, 0.72, 0.92), (0.77, 0.69, 0.70, 0.91),
+                      (0.80, 0.71, 0.72, 0.90)],
+    ("med", "lora"): [(0.79, 0.71, 0.70, 0.90), (0.80, 0.70, 0.70, 0.91), (0.78, 0.72, 0.73, 0.92),
+                      (0.81, 0.70, 0.70, 0.90)],
+}
+
+
+def make_shift_store(out: Path) -> None:
+    with Store(out) as store:
+        store.set_meta("experiment", {"data": ["toy"], "backbones": ["cnn", "med"], "fractions": [1.0],
+                                      "seeds": list(SEEDS), "train": {"monitor": "auroc"}, "corruptions": "generic"})
+        for n, ((backbone, method), seeds) in enumerate(SHIFT_RUNS.items()):
+            for seed, (home, away, aligned, relative) in enumerate(seeds):
+                cell = {"id": f"toy|{backbone}|{method}|1", "data": "toy", "backbone": backbone, "method": method,
+                        "fraction": 1.0}
+                job = {"key": f"k{n}-{seed}", "kind": "final", "cell": cell, "seed": seed, "trial": None,
+                       "params": {}, "config": {}}
+                store.mark_running(job)
+                metrics = {"test": {"auroc": {"value": home}}, "monitor": "auroc", "subset_seed": seed,
+                           "external": {"B": {"auroc": {"value": away}}, "B+fda": {"auroc": {"value": aligned}}},
+                           "corruptions": {"suite": "generic", "metric": "auroc", "clean": home,
+                                           "mean": home * relative, "relative": relative,
+                                           "per_corruption": {"gaussian_noise": home * relative}}}
+                store.record({"key": job["key"], "status": "done", "outcome": "complete", "value": 0.7,
+                              "metrics": metrics, "seconds": 1.0, "worker": "w"})
+
+
+def _col(backbone, method, i):
+    return [row[i] for row in SHIFT_RUNS[(backbone, method)]]
+
+
+def test_shift_contrasts_compare_every_method_with_full_on_the_external_score_and_the_drop(tmp_path):
+    make_shift_store(tmp_path)
+    rep = build_report(tmp_path)
+    got = {(r["backbone"], r["external"], r["quantity"], r["method"]): r for r in rep["shift"]["shift_contrasts_"]}
+    assert set(got) == {(b, e, q, m) for e in ("B", "B+fda") for q in ("external", "drop")
+                        for b, m in (("cnn", "lora"), ("cnn", "ssf"), ("med", "lora"))}
+    for quantity in ("external", "drop"):
+        raw = []
+        for method in ("lora", "ssf"):  # the Holm family: the methods of the cnn cell against full
+            def score(m, q=quantity):
+                away = _col("cnn", m, 1)
+                return away if q == "external" else [b - a for a, b in zip(_col("cnn", m, 0), away)]
+            ref = paired_test(score(method), score("full"))
+            row = got[("cnn", "B", quantity, method)]
+            assert row["delta"] == pytest.approx(ref["mean_diff"]) and row["p_t"] == pytest.approx(ref["t_pvalue"])
+            assert row["tost_p"] == pytest.approx(tost_paired(score(method), score("full"), 0.02)["p"])
+            raw.append(ref["t_pvalue"])
+        assert [got[("cnn", "B", quantity, m)]["p_holm"] for m in ("lora", "ssf")] == pytest.approx(holm(raw))
+    # LoRA keeps +0.10 external on every seed and loses less (drop -0.225 vs -0.305): better on both
+    assert got[("cnn", "B", "external", "lora")]["verdict"] == "better"
+    assert got[("cnn", "B", "drop", "lora")]["verdict"] == "better"
+    assert got[("cnn", "B", "drop", "lora")]["full_mean"] == pytest.approx(
+        sum(b - a for a, b in zip(_col("cnn", "full", 0), _col("cnn", "full", 1))) / 4)
+    md = Path(rep["markdown"]).read_text()
+    assert "### Which methods lose least under shift? Each method vs full fine-tuning" in md
+    assert pd.read_csv(Path(rep["dir"]) / "shift_vs_full.csv")["quantity"].tolist().count("drop") == 6
+
+
+def test_shift_contrasts_follow_the_metric_direction(tmp_path):
+    from medpeft.bench.report import final_runs, shift_contrasts
+
+    make_shift_store(tmp_path)
+    with Store.open_readonly(tmp_path) as store:
+        runs = final_runs(store, "auroc")
+    flip = {"better": "worse", "worse": "better", "equivalent": "equivalent", "inconclusive": "inconclusive"}
+    higher, lower = shift_contrasts(runs), shift_contrasts(runs, higher_is_better=False)  # e.g. HD95
+    assert [flip[r["verdict"]] for r in higher] == [r["verdict"] for r in lower]
+    assert "better" in [r["verdict"] for r in higher]
+
+
+def test_alignment_recovery_is_aligned_minus_raw_of_the_same_runs_with_holm(tmp_path):
+    make_shift_store(tmp_path)
+    rep = build_report(tmp_path)
+    got = {(r["backbone"], r["method"]): r for r in rep["shift"]["alignment"]}
+    assert set(got) == {(b, m) for b, m in SHIFT_RUNS} and {r["alignment"] for r in got.values()} == {"fda"}
+    raw = []
+    for method in ("full", "lora", "ssf"):
+        ref = paired_test(_col("cnn", method, 2), _col("cnn", method, 1))
+        assert got[("cnn", method)]["delta"] == pytest.approx(ref["mean_diff"])
+        raw.append(ref["t_pvalue"])
+    assert [got[("cnn", m)]["p_holm"] for m in ("full", "lora", "ssf")] == pytest.approx(holm(raw))
+    assert got[("cnn", "full")]["verdict"] == "recovers"  # +0.04 to +0.07 on every seed
+    assert got[("cnn", "ssf")]["verdict"] == "hurts"      # -0.015 to -0.02 on every seed
+    assert got[("med", "lora")]["verdict"] == "inconclusive"
+    assert "### How much does style alignment recover?" in Path(rep["markdown"]).read_text()
+
+
+def test_external_backbone_comparison_and_robustness_contrasts(tmp_path):
+    make_shift_store(tmp_path)
+    rep = build_report(tmp_path)
+    ext = {(r["external"], r["method"]): r for r in rep["shift"]["external_backbones"]}
+    ref = paired_test(_col("cnn", "full", 1), _col("med", "full", 1))
+    assert ext[("B", "full")]["delta"] == pytest.approx(ref["mean_diff"]) and ext[("B", "full")]["verdict"] == "worse"
+    assert ("B+fda", "lora") in ext
+    robust = {(r["backbone"], r["method"]): r for r in rep["shift"]["robust_contrasts"]}
+    ref = paired_test(_col("cnn", "lora", 3), _col("cnn", "full", 3))
+    assert robust[("cnn", "lora")]["delta"] == pytest.approx(ref["mean_diff"])
+    assert robust[("cnn", "lora")]["verdict"] == "better"
+    md = Path(rep["markdown"]).read_text()
+    assert "Which backbone transfers better?" in md and "Relative robustness vs full fine-tuning" in md
+
+
+def test_a_sweep_without_external_sets_has_no_shift_contrasts(report):
+    assert "Which methods lose least" not in report["md"] and "style alignment" not in report["md"]

@@ -17,6 +17,11 @@ From the final runs (one per seed) in the store, per cell (data set, backbone, l
   validation learning curves (monitored metric vs optimizer step);
 - with two or more backbones: every pair of backbones per data set x method x fraction, paired by
   seed, Holm / BH over those comparisons (``backbones.csv``: "which backbone?");
+- with external test sets: the in-domain vs external table (the paired drop), every method against
+  full fine-tuning on the external score and on the drop ("which methods lose least?",
+  ``shift_vs_full.csv``), what style alignment recovers (aligned minus raw of the same runs,
+  ``alignment.csv``) and the backbone pairs on each external set (``backbones_external.csv``);
+  with a corruption suite: relative robustness per method and against full fine-tuning;
 - ``report.md``, a self-contained ``report.html`` (plots embedded), ``summary.csv``, ``runs.csv``.
 
 Everything is written to ``<out>/report/`` and rebuilt from the store by ``medpeft report <out>``.
@@ -480,6 +485,143 @@ def shift_rows(runs, metric: str) -> list[list[str]]:
     return rows
 
 
+SHIFT_CONTRAST_HEADER = ["data", "backbone", "fraction", "external set", "quantity", "method", "method mean",
+                         "full mean", "delta vs full (95% CI)", "p t (raw)", "p Holm", "q BH", "TOST p", "verdict",
+                         "seeds"]
+
+
+def _external_values(runs, name: str):
+    """The per-run score on external set ``name`` (NaN where a run has none)."""
+    nan = float("nan")
+    return [float(e[name]) if isinstance(e, dict) and e.get(name) is not None else nan for e in runs["external"]]
+
+
+def _external_names(runs) -> list[str]:
+    if runs.empty or "external" not in runs:
+        return []
+    return sorted({n for ext in runs["external"] if isinstance(ext, dict) for n in ext})
+
+
+def shift_contrasts(runs, margin: float = DEFAULT_MARGIN, alpha: float = ALPHA,
+                    higher_is_better: bool = True) -> list[dict]:
+    """Which methods lose least under shift? Every method against full fine-tuning on the same seeds,
+    per external set, on two quantities: the external score itself and the drop (external minus
+    in-domain of the same run).
+
+    Each (set, quantity) is run through ``summarize`` with the run's value replaced, so the paired t,
+    the Holm family (the methods compared with full in one data set x backbone x fraction cell), the
+    BH q (over that set and quantity), TOST and the verdict are the method-vs-full ones of the report.
+    A drop nearer zero is the better one: the direction is the metric's (HD95: lower is better, a
+    positive drop is a loss).
+    """
+    out: list[dict] = []
+    for name in _external_names(runs):
+        away = _external_values(runs, name)
+        home = list(runs["value"])
+        for quantity, values in (("external", away), ("drop", [b - a for a, b in zip(home, away)])):
+            out += _versus_full(runs, values, margin, alpha, higher_is_better, external=name, quantity=quantity)
+    return out
+
+
+def _versus_full(runs, values, margin: float, alpha: float, higher_is_better: bool, **extra) -> list[dict]:
+    """``summarize``'s method-vs-full comparisons with each run's value replaced by ``values``."""
+    rows = summarize(runs.assign(value=values), margin=margin, alpha=alpha, higher_is_better=higher_is_better)
+    full = {(r["data"], r["backbone"], r["fraction"]): r["mean"] for r in rows if r["method"] == BASELINE}
+    return [{"data": r["data"], "backbone": r["backbone"], "fraction": r["fraction"], **extra, "method": r["method"],
+             "mean": r["mean"], "full_mean": full.get((r["data"], r["backbone"], r["fraction"])),
+             "delta": r["delta"], "delta_low": r["delta_low"], "delta_high": r["delta_high"], "p_t": r["p_t"],
+             "p_holm": r["p_holm"], "q_bh": r["q_bh"], "tost_p": r["tost_p"], "verdict": r["verdict"],
+             "seeds": r["seeds"]}
+            for r in rows if r["method"] != BASELINE and r["n_pairs"]]
+
+
+def robustness_contrasts(runs, margin: float = DEFAULT_MARGIN, alpha: float = ALPHA) -> list[dict]:
+    """Which methods keep most of their score under corruption? Relative robustness (corrupted / clean
+    of the suite's metric, per run) of every method against full fine-tuning on the same seeds, with
+    the report's method-vs-full statistics. Higher is better: the run stores the ratio oriented so
+    (clean / corrupted for a lower-is-better metric)."""
+    if runs.empty or "corruptions" not in runs:
+        return []
+    values = [float(c["relative"]) if isinstance(c, dict) and c.get("relative") is not None else float("nan")
+              for c in runs["corruptions"]]
+    if all(v != v for v in values):
+        return []
+    return _versus_full(runs, values, margin, alpha, True, external="corrupted", quantity="relative robustness")
+
+
+def shift_contrast_rows(contrasts: list[dict]) -> list[list[str]]:
+    return [[label(r["data"]), r["backbone"], f"{r['fraction']:g}", r["external"], r["quantity"], r["method"],
+             _num(r["mean"]), _num(r["full_mean"]),
+             f"{r['delta']:+.4f} [{_num(r['delta_low'])}, {_num(r['delta_high'])}]", _p(r["p_t"]), _p(r["p_holm"]),
+             _p(r["q_bh"]), _p(r["tost_p"]), r["verdict"], ", ".join(str(s) for s in r["seeds"])]
+            for r in contrasts]
+
+
+ALIGNMENT_HEADER = ["data", "backbone", "fraction", "method", "external set", "alignment", "seeds", "raw mean",
+                    "aligned mean", "recovered (aligned - raw) [95% CI]", "p t (raw)", "p Holm", "verdict"]
+
+
+def alignment_recovery(runs, alpha: float = ALPHA, higher_is_better: bool = True) -> list[dict]:
+    """How much does training-free style alignment recover? For every external set ``X`` evaluated also
+    as ``X+<alignment>``: aligned minus raw score of the same runs (the same models), paired over seeds.
+
+    Holm adjusts within each data set x backbone x fraction x set x alignment (the family: that
+    alignment on every method); verdict "recovers" / "hurts" when the Holm p is below ``alpha`` in
+    the metric's direction, else "inconclusive".
+    """
+    names = _external_names(runs)
+    out: list[dict] = []
+    for aligned_name in names:
+        raw_name, _, how = aligned_name.partition("+")
+        if not how or raw_name not in names:
+            continue
+        raw, aligned = _external_values(runs, raw_name), _external_values(runs, aligned_name)
+        frame = runs.assign(raw=raw, aligned=aligned)
+        family: list[dict] = []
+        for (data, backbone, fraction, method), cell in frame.groupby(["data", "backbone", "fraction", "method"],
+                                                                      sort=False):
+            pairs = sorted((int(s), a, r) for s, a, r in zip(cell["seed"], cell["aligned"], cell["raw"])
+                           if a == a and r == r)
+            if len(pairs) < 2:
+                continue
+            test = paired_test([a for _, a, _ in pairs], [r for _, _, r in pairs])
+            family.append({"data": data, "backbone": backbone, "fraction": fraction, "method": method,
+                           "external": raw_name, "alignment": how, "seeds": [s for s, _, _ in pairs],
+                           "raw_mean": sum(r for _, _, r in pairs) / len(pairs),
+                           "aligned_mean": sum(a for _, a, _ in pairs) / len(pairs),
+                           "delta": test["mean_diff"], "delta_low": test["diff_low"],
+                           "delta_high": test["diff_high"], "p_t": test["t_pvalue"]})
+        groups: dict = {}
+        for r in family:
+            groups.setdefault((r["data"], r["backbone"], r["fraction"]), []).append(r)
+        for rows in groups.values():
+            for r, p in zip(rows, holm([r["p_t"] for r in rows])):
+                gain = r["delta"] if higher_is_better else -r["delta"]
+                r["p_holm"] = p
+                r["verdict"] = "inconclusive" if not (p == p and p < alpha) else ("recovers" if gain > 0 else "hurts")
+        out.extend(family)
+    return out
+
+
+def alignment_rows(recovery: list[dict]) -> list[list[str]]:
+    return [[label(r["data"]), r["backbone"], f"{r['fraction']:g}", r["method"], r["external"], r["alignment"],
+             ", ".join(str(s) for s in r["seeds"]), _num(r["raw_mean"]), _num(r["aligned_mean"]),
+             f"{r['delta']:+.4f} [{_num(r['delta_low'])}, {_num(r['delta_high'])}]", _p(r["p_t"]),
+             _p(r["p_holm"]), r["verdict"]] for r in recovery]
+
+
+def external_backbone_comparisons(runs, margin: float = DEFAULT_MARGIN, alpha: float = ALPHA,
+                                  higher_is_better: bool = True) -> list[dict]:
+    """Does one backbone transfer better? ``backbone_comparisons`` on each external set's score
+    (one Holm / BH family per external set); each row names its set."""
+    out: list[dict] = []
+    for name in _external_names(runs):
+        for r in backbone_comparisons(runs.assign(value=_external_values(runs, name)), margin=margin, alpha=alpha,
+                                      higher_is_better=higher_is_better):
+            out.append({**r, "external": name})
+    return out
+
+
 BACKBONE_HEADER = ["data", "fraction", "method", "backbone A", "backbone B", "A mean", "B mean",
                    "delta A - B (95% CI)", "p t (raw)", "p Holm", "q BH", "TOST p", "verdict (A vs B)", "seeds",
                    "same split and labelled images"]
@@ -842,7 +984,9 @@ def _trial_counts(trials: list[dict]) -> str:
 
 def _blocks(summary, cells, store: Store, plots: dict, metric: str, notes: list[str], margin: float,
             n_runs: int, lower_val_is_better: bool = False, shift: list | None = None,
-            robustness: list | None = None, backbones: list | None = None) -> list[Block]:
+            robustness: list | None = None, backbones: list | None = None, shift_contrasts_: list | None = None,
+            alignment: list | None = None, external_backbones: list | None = None,
+            robust_contrasts: list | None = None) -> list[Block]:
     experiment = store.get_meta("experiment")
     monitor = experiment_task(experiment).resolve_monitor(((experiment or {}).get("train") or {}).get("monitor", "auto"))
     sweep_notes = store.get_meta("notes") or []
@@ -898,6 +1042,28 @@ def _blocks(summary, cells, store: Store, plots: dict, metric: str, notes: list[
                                  f"models (chosen on home validation); drop = external minus in-domain on the same "
                                  f"runs, mean over seeds with its Student-t 95% CI."))
         blocks.append(Block("table", header=SHIFT_HEADER, rows=shift))
+    if shift_contrasts_:  # which methods lose least: method vs full on the external score and on the drop
+        blocks.append(Block("h3", "Which methods lose least under shift? Each method vs full fine-tuning"))
+        blocks.append(Block("p", f"Per external set, every method against full fine-tuning on the same seeds, on the "
+                                 f"external {metric} and on the drop (external minus in-domain of the same run; "
+                                 f"nearer zero is better). Paired t over seeds, p Holm within each data set x "
+                                 f"backbone x fraction for that set and quantity, q BH over that set and quantity, "
+                                 f"TOST within +-{margin:g}; verdicts as in the method tables."))
+        blocks.append(Block("table", header=SHIFT_CONTRAST_HEADER, rows=shift_contrast_rows(shift_contrasts_)))
+    if alignment:  # training-free style alignment of the external images: the same models, aligned minus raw
+        blocks.append(Block("h3", "How much does style alignment recover?"))
+        blocks.append(Block("p", f"External {metric} with the target images aligned to the home set's style minus "
+                                 f"the raw external {metric}, by the same models (paired over seeds, Student-t 95% "
+                                 f"CI); p Holm over the methods of each cell for one alignment; 'recovers' / "
+                                 f"'hurts' when the Holm p < {ALPHA}."))
+        blocks.append(Block("table", header=ALIGNMENT_HEADER, rows=alignment_rows(alignment)))
+    if external_backbones:  # does one backbone (e.g. the medical-pretrained one) transfer better?
+        blocks.append(Block("h3", "Which backbone transfers better? The same method on each backbone, external set"))
+        blocks.append(Block("p", f"As the backbone table above, on each external set's {metric} (Holm / BH over the "
+                                 f"comparisons of one external set)."))
+        blocks.append(Block("table", header=["external set"] + BACKBONE_HEADER,
+                            rows=[[r["external"]] + row for r, row in zip(external_backbones,
+                                                                         backbone_rows(external_backbones))]))
     if robustness:  # the home test split under a corruption suite; never used to choose
         suite = (experiment or {}).get("corruptions") or "the suite"
         blocks.append(Block("h2", "Robustness: the test split under corruptions"))
@@ -906,6 +1072,11 @@ def _blocks(summary, cells, store: Store, plots: dict, metric: str, notes: list[
                                  f"severities; relative robustness = corrupted / clean of the same run, mean over "
                                  f"seeds with its Student-t 95% CI."))
         blocks.append(Block("table", header=ROBUSTNESS_HEADER, rows=robustness))
+    if robust_contrasts:
+        blocks.append(Block("h3", "Which methods keep most under corruption? Relative robustness vs full fine-tuning"))
+        blocks.append(Block("p", f"Relative robustness of every method against full fine-tuning on the same seeds: "
+                                 f"paired t, p Holm within each cell, q BH over the sweep, TOST within +-{margin:g}."))
+        blocks.append(Block("table", header=SHIFT_CONTRAST_HEADER, rows=shift_contrast_rows(robust_contrasts)))
     info = {(c["data"], c["backbone"], c["fraction"]): c for c in cells}
     pairs = list(dict.fromkeys((r["data"], r["backbone"]) for r in summary))
     trials = store.rows(kind="trial")
@@ -1147,9 +1318,19 @@ def build_report(out_dir: str | Path, metric: str | None = None, formats=("csv",
         if backbones:
             pd.DataFrame([{k: _csv_value(v) for k, v in r.items()} for r in backbones]).to_csv(
                 report_dir / "backbones.csv", index=False)
+        higher = task.direction(metric) == "max"
+        shift = {"shift_contrasts_": shift_contrasts(runs, margin=margin, higher_is_better=higher),
+                 "alignment": alignment_recovery(runs, higher_is_better=higher),
+                 "external_backbones": external_backbone_comparisons(runs, margin=margin, higher_is_better=higher),
+                 "robust_contrasts": robustness_contrasts(runs, margin=margin)}
+        for name, rows in (("shift_vs_full.csv", shift["shift_contrasts_"] + shift["robust_contrasts"]),
+                           ("alignment.csv", shift["alignment"]), ("backbones_external.csv", shift["external_backbones"])):
+            if rows:
+                pd.DataFrame([{k: _csv_value(v) for k, v in r.items()} for r in rows]).to_csv(report_dir / name,
+                                                                                            index=False)
         blocks = _blocks(summary, cells, store, plots, metric, notes, margin, len(runs),
                          task.direction(monitor) == "min", shift=shift_rows(runs, metric),
-                         robustness=robustness_rows(runs), backbones=backbones)
+                         robustness=robustness_rows(runs), backbones=backbones, **shift)
         md_path, html_path = report_dir / "report.md", report_dir / "report.html"
         md_path.write_text(to_markdown(blocks, report_dir))
         html_path.write_text(to_html(blocks))
@@ -1159,7 +1340,8 @@ def build_report(out_dir: str | Path, metric: str | None = None, formats=("csv",
                                 *entry.get("robustness", {}).values()] if p]
         return {"dir": str(report_dir), "markdown": str(md_path), "html": str(html_path),
                 "plots": [str(p) for p in plot_files], "exports": [str(p) for p in files], "notes": notes,
-                "summary": summary, "cells": cells, "backbones": backbones, "metric": metric, "margin": margin}
+                "summary": summary, "cells": cells, "backbones": backbones, "metric": metric, "margin": margin,
+                "shift": shift}
     finally:
         store.close()
 
