@@ -616,3 +616,21 @@ def test_pydicom_validation_warning_does_not_echo_the_uid(tmp_path, caplog, capf
     assert groups["study"].startswith("study-")
     said = " ".join(str(w.message) for w in caught) + caplog.text + "".join(capfd.readouterr())
     assert "ST-MARYS" not in said and "PID-42" not in said
+
+
+def test_the_stored_experiment_holds_no_absolute_path_anywhere_in_it(tmp_path):
+    from medpeft.bench.grid import public_experiment
+
+    secret = str(tmp_path / "hospital-y")
+    exp = {"data": [f"{secret}/kvasir", "breastmnist"], "data_root": "../shared/data",
+           "external_test": [f"{secret}/cvc"], "methods": ["lora"], "seeds": [0, 1],
+           "train": {"adapt": "dann", "target_unlabelled": f"{secret}/cvc/images", "epochs": 3},
+           "data_options": {"split_file": f"{secret}/split.json", "val_ratio": 0.1}}
+    public = public_experiment(exp)
+    assert secret not in json.dumps(public)
+    assert public["train"]["target_unlabelled"].startswith("<redacted>/images#")
+    assert public["external_test"][0].startswith("<redacted>/cvc#")
+    # names, relative paths, numbers and settings pass unchanged
+    assert public["data"][1] == "breastmnist" and public["data_root"] == "../shared/data"
+    assert public["train"]["adapt"] == "dann" and public["train"]["epochs"] == 3 and public["seeds"] == [0, 1]
+    assert public_experiment(public) == public  # idempotent: a resumed sweep compares equal

@@ -330,12 +330,15 @@ SHIFT_RUNS = {  # (backbone, method) -> per seed: (home test, external "B", exte
 }
 
 
-def make_shift_store(out: Path) -> None:
+def make_shift_store(out: Path, bump: dict | None = None, train: dict | None = None) -> None:
+    """``bump``: {(backbone, method): [per-seed change of the external "B" score]} (another sweep of the same cells)."""
     with Store(out) as store:
         store.set_meta("experiment", {"data": ["toy"], "backbones": ["cnn", "med"], "fractions": [1.0],
-                                      "seeds": list(SEEDS), "train": {"monitor": "auroc"}, "corruptions": "generic"})
+                                      "seeds": list(SEEDS), "train": {"monitor": "auroc", **(train or {})},
+                                      "corruptions": "generic"})
         for n, ((backbone, method), seeds) in enumerate(SHIFT_RUNS.items()):
             for seed, (home, away, aligned, relative) in enumerate(seeds):
+                away += (bump or {}).get((backbone, method), [0.0] * len(SEEDS))[seed]
                 cell = {"id": f"toy|{backbone}|{method}|1", "data": "toy", "backbone": backbone, "method": method,
                         "fraction": 1.0}
                 job = {"key": f"k{n}-{seed}", "kind": "final", "cell": cell, "seed": seed, "trial": None,
@@ -428,3 +431,40 @@ def test_external_backbone_comparison_and_robustness_contrasts(tmp_path):
 
 def test_a_sweep_without_external_sets_has_no_shift_contrasts(report):
     assert "Which methods lose least" not in report["md"] and "style alignment" not in report["md"]
+
+
+def test_against_compares_two_sweeps_of_the_same_cells_paired_by_seed(tmp_path):
+    bump = {("cnn", "lora"): [0.05, 0.06, 0.055, 0.05], ("med", "full"): [0.01, -0.01, 0.0, 0.005]}
+    make_shift_store(tmp_path / "dann", bump=bump, train={"adapt": "dann", "target_unlabelled": "/home/me/cvc"})
+    make_shift_store(tmp_path / "plain")
+    rep = build_report(tmp_path / "dann", against=tmp_path / "plain")
+    got = {(r["quantity"], r["backbone"], r["method"]): r for r in rep["shift"]["against"]["contrasts"]}
+    assert {q for q, _, _ in got} == {"test", "external B", "external B+fda"}
+    raw = []
+    for backbone, method in SHIFT_RUNS:  # one family per quantity: every cell
+        mine = [a + d for a, d in zip(_col(backbone, method, 1), bump.get((backbone, method), [0.0] * 4))]
+        ref = paired_test(mine, _col(backbone, method, 1))
+        assert got[("external B", backbone, method)]["delta"] == pytest.approx(ref["mean_diff"])
+        raw.append(ref["t_pvalue"])
+        assert got[("test", backbone, method)]["delta"] == pytest.approx(0.0)
+    assert [got[("external B", b, m)]["p_holm"] for b, m in SHIFT_RUNS] == pytest.approx(holm(raw))
+    assert got[("external B", "cnn", "lora")]["verdict"] == "better"
+    assert got[("external B", "cnn", "full")]["verdict"] == "equivalent"  # identical on every seed
+    md = Path(rep["markdown"]).read_text()
+    assert "## Against the sweep 'plain': the same cells, paired by seed" in md
+    assert "train.adapt: dann vs None" in md
+    assert "/home/me" not in md and str(tmp_path) not in md  # no user paths in the report
+    assert len(pd.read_csv(Path(rep["dir"]) / "against.csv")) == 15
+
+
+def test_against_rejects_itself_a_missing_store_and_another_task(tmp_path):
+    make_shift_store(tmp_path / "a")
+    with pytest.raises(ConfigError, match="that is this sweep"):
+        build_report(tmp_path / "a", against=tmp_path / "a")
+    with pytest.raises(ConfigError, match="no results store"):
+        build_report(tmp_path / "a", against=tmp_path / "nowhere")
+    with Store(tmp_path / "seg") as store:
+        store.set_meta("experiment", {"data": ["toy"], "task": "segmentation"})
+    with pytest.raises(ConfigError, match="a segmentation sweep; this sweep is classification"):
+        build_report(tmp_path / "a", against=tmp_path / "seg")
+    assert not (tmp_path / "a" / "report").exists()  # checked before anything was written

@@ -175,6 +175,9 @@ def add_benchmark_parsers(sub) -> dict:
     r.add_argument("--quiet", action="store_true", help="write the files, print no leaderboard")
     r.add_argument("--margin", type=float, default=None,
                    help="equivalence margin for the TOST verdicts (default: the sweep's, else 0.02)")
+    r.add_argument("--against", default=None, metavar="DIR",
+                   help="another sweep's --out folder with the same cells (e.g. the same methods with --adapt dann): "
+                        "adds a section comparing the two, paired by seed, on the home test and each external set")
     return {"benchmark": cmd_benchmark, "report": cmd_report}
 
 
@@ -294,7 +297,8 @@ def cmd_report(args) -> int:
     from .report import build_report, print_leaderboard
 
     formats = [f.strip() for f in args.export.split(",") if f.strip()]
-    report = build_report(args.dir, metric=args.metric, formats=formats, margin=args.margin)
+    report = build_report(args.dir, metric=args.metric, formats=formats, margin=args.margin,
+                          against=args.against)
     console = Console()
     if not console.is_terminal:
         console = Console(width=max(console.width, 130))

@@ -63,20 +63,17 @@ def public_cell_id(cell_id: str, data: str) -> str:
     return str(public_path(data)) + cell_id[len(data):] if cell_id.startswith(f"{data}|") else cell_id
 
 
-def public_experiment(values: dict) -> dict:
-    """``Experiment.to_dict()`` as the store records it: absolute data paths (data sets, data root,
-    split file) replaced as ``medpeft.data.privacy`` says; anything else unchanged."""
+def public_experiment(values):
+    """``Experiment.to_dict()`` as the store records it: every absolute path in it (data sets, data
+    root, split file, external test sets, the DANN target folder, ...) replaced as
+    ``medpeft.data.privacy`` says; anything else unchanged (a relative path or a name passes)."""
     from ..data.privacy import public_path
 
-    if not isinstance(values, dict):
-        return values
-    out = dict(values)
-    if isinstance(out.get("data"), list):
-        out["data"] = [public_path(d) for d in out["data"]]
-    out["data_root"] = public_path(out.get("data_root"))
-    if isinstance(out.get("data_options"), dict) and out["data_options"].get("split_file"):
-        out["data_options"] = {**out["data_options"], "split_file": public_path(out["data_options"]["split_file"])}
-    return out
+    if isinstance(values, dict):
+        return {k: public_experiment(v) for k, v in values.items()}
+    if isinstance(values, (list, tuple)):
+        return [public_experiment(v) for v in values]
+    return public_path(values) if isinstance(values, str) else values
 
 
 @dataclass

@@ -622,6 +622,89 @@ def external_backbone_comparisons(runs, margin: float = DEFAULT_MARGIN, alpha: f
     return out
 
 
+AGAINST_HEADER = ["quantity", "data", "backbone", "fraction", "method", "this sweep", "other sweep",
+                  "delta this - other (95% CI)", "p t (raw)", "p Holm", "q BH", "TOST p", "verdict (this vs other)",
+                  "seeds", "same split"]
+
+
+def sweep_contrasts(runs, other, margin: float = DEFAULT_MARGIN, alpha: float = ALPHA,
+                    higher_is_better: bool = True) -> list[dict]:
+    """This sweep against another one with the same cells (e.g. the same methods trained with DANN and
+    without): every data set x backbone x method x fraction present in both, paired by seed, on the
+    home test metric and on each external set both evaluated.
+
+    One Holm / BH family per quantity (the home test, or one external set) over every cell of the
+    comparison; TOST within +-``margin``; the verdict is for this sweep against the other
+    (``higher_is_better=False``: lower is better). ``same_split`` says whether the recorded split
+    ids agree on every paired seed (None: not recorded).
+    """
+    out: list[dict] = []
+    if runs.empty or other.empty:
+        return out
+    keys = ["data", "backbone", "method", "fraction"]
+    quantities = [("test", None)] + [(f"external {n}", n) for n in _external_names(runs)
+                                     if n in set(_external_names(other))]
+    sign = 1.0 if higher_is_better else -1.0
+    for quantity, name in quantities:
+        mine = runs if name is None else runs.assign(value=_external_values(runs, name))
+        theirs = other if name is None else other.assign(value=_external_values(other, name))
+        family = []
+        for key, cell in mine.groupby(keys, sort=False):
+            match = theirs
+            for k, v in zip(keys, key):
+                match = match[match[k] == v]
+            a_rows, b_rows = cell.set_index("seed"), match.set_index("seed")
+            seeds = sorted(s for s in set(a_rows.index) & set(b_rows.index)
+                           if a_rows["value"][s] == a_rows["value"][s] and b_rows["value"][s] == b_rows["value"][s])
+            if not seeds:
+                continue
+            a, b = [float(a_rows["value"][s]) for s in seeds], [float(b_rows["value"][s]) for s in seeds]
+            test = paired_test(a, b)
+            family.append({"quantity": quantity, **dict(zip(keys, key)), "mean_a": sum(a) / len(a),
+                           "mean_b": sum(b) / len(b), "delta": test["mean_diff"], "delta_low": test["diff_low"],
+                           "delta_high": test["diff_high"], "p_t": test["t_pvalue"],
+                           "tost_p": tost_paired(a, b, margin, alpha)["p"], "seeds": seeds,
+                           "same_split": _agree(a_rows, b_rows, seeds, "split_ids")})
+        for r, p, q in zip(family, holm([r["p_t"] for r in family]), benjamini_hochberg([r["p_t"] for r in family])):
+            r["p_holm"], r["q_bh"] = p, q
+            r["verdict"] = verdict(sign * r["delta"], p, r["tost_p"], alpha)
+        out += family
+    return out
+
+
+def sweep_contrast_rows(contrasts: list[dict]) -> list[list[str]]:
+    same = {True: "yes", False: "no: the splits differ", None: "unknown"}
+    return [[r["quantity"], label(r["data"]), r["backbone"], f"{r['fraction']:g}", r["method"], _num(r["mean_a"]),
+             _num(r["mean_b"]), f"{r['delta']:+.4f} [{_num(r['delta_low'])}, {_num(r['delta_high'])}]",
+             _p(r["p_t"]), _p(r["p_holm"]), _p(r["q_bh"]), _p(r["tost_p"]), r["verdict"],
+             ", ".join(str(s) for s in r["seeds"]), same[r["same_split"]]] for r in contrasts]
+
+
+def _flat(mapping: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in (mapping or {}).items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def settings_difference(this: dict | None, other: dict | None) -> list[str]:
+    """The experiment settings in which two sweeps differ (``out`` aside), as 'key: this vs other';
+    an absolute path is shown by its public form (never the user's folders)."""
+    from ..data.privacy import public_path
+
+    a, b = _flat(this or {}), _flat(other or {})
+    lines = []
+    for key in sorted(set(a) | set(b)):
+        if key == "out" or a.get(key) == b.get(key):
+            continue
+        show = [public_path(v) if isinstance(v, str) else v for v in (a.get(key), b.get(key))]
+        lines.append(f"{key}: {show[0]!s} vs {show[1]!s}")
+    return lines
+
+
 BACKBONE_HEADER = ["data", "fraction", "method", "backbone A", "backbone B", "A mean", "B mean",
                    "delta A - B (95% CI)", "p t (raw)", "p Holm", "q BH", "TOST p", "verdict (A vs B)", "seeds",
                    "same split and labelled images"]
@@ -831,6 +914,8 @@ def pareto_front(rows: list[dict], higher_is_better: bool = True) -> list[dict]:
 
 
 def _settings_lines(experiment: dict | None) -> list[str]:
+    from ..data.privacy import public_path  # stores written before every path was made public
+
     if not experiment:
         return []
     train = experiment.get("train") or {}
@@ -848,7 +933,8 @@ def _settings_lines(experiment: dict | None) -> list[str]:
                                 if experiment.get("val_labels") == "full" else
                                 "the validation split subsampled with the training labels' fraction rule"
                                 if experiment.get("val_labels") == "follow" else "the whole validation split"),
-        "training: " + (", ".join(f"{k}={v}" for k, v in sorted(train.items())) or "medpeft defaults")
+        "training: " + (", ".join(f"{k}={public_path(v) if isinstance(v, str) else v}"
+                                  for k, v in sorted(train.items())) or "medpeft defaults")
         + " (early stopping on validation; the best state is tested once)",
     ] + (["**PROMPTED**: every mask was predicted from a box prompt (the ground-truth mask's bounding box, "
           "jittered in training): these scores use test-time information an unprompted model does not have and "
@@ -986,7 +1072,7 @@ def _blocks(summary, cells, store: Store, plots: dict, metric: str, notes: list[
             n_runs: int, lower_val_is_better: bool = False, shift: list | None = None,
             robustness: list | None = None, backbones: list | None = None, shift_contrasts_: list | None = None,
             alignment: list | None = None, external_backbones: list | None = None,
-            robust_contrasts: list | None = None) -> list[Block]:
+            robust_contrasts: list | None = None, against: dict | None = None) -> list[Block]:
     experiment = store.get_meta("experiment")
     monitor = experiment_task(experiment).resolve_monitor(((experiment or {}).get("train") or {}).get("monitor", "auto"))
     sweep_notes = store.get_meta("notes") or []
@@ -1064,6 +1150,15 @@ def _blocks(summary, cells, store: Store, plots: dict, metric: str, notes: list[
         blocks.append(Block("table", header=["external set"] + BACKBONE_HEADER,
                             rows=[[r["external"]] + row for r, row in zip(external_backbones,
                                                                          backbone_rows(external_backbones))]))
+    if against:  # another sweep with the same cells (e.g. with DANN vs without), paired by seed
+        blocks.append(Block("h2", f"Against the sweep '{against['name']}': the same cells, paired by seed"))
+        differ = against["differences"] or ["none recorded"]
+        blocks.append(Block("p", f"This sweep minus '{against['name']}' for every data set x backbone x method x "
+                                 f"fraction both ran, on the home test {metric} and on each external set both "
+                                 f"evaluated; paired t over the seeds both ran; p Holm and q BH over the cells of one "
+                                 f"quantity; TOST within +-{margin:g}. Settings that differ: " + "; ".join(differ)
+                                 + "."))
+        blocks.append(Block("table", header=AGAINST_HEADER, rows=sweep_contrast_rows(against["contrasts"])))
     if robustness:  # the home test split under a corruption suite; never used to choose
         suite = (experiment or {}).get("corruptions") or "the suite"
         blocks.append(Block("h2", "Robustness: the test split under corruptions"))
@@ -1276,11 +1371,36 @@ def _csv_value(value):
     return " ".join(str(v) for v in value) if isinstance(value, list) else value
 
 
-def build_report(out_dir: str | Path, metric: str | None = None, formats=("csv",), margin: float | None = None) -> dict:
+def _against(other_dir, out_dir: Path, task, metric: str) -> dict | None:
+    """The other sweep of ``--against``: its name (the folder's, never its path), experiment and
+    final runs; a clear error when it is missing, this very sweep or of another task."""
+    if other_dir is None:
+        return None
+    other_dir = Path(other_dir)
+    if other_dir.resolve() == out_dir.resolve():
+        raise ConfigError(f"--against {other_dir.name}: that is this sweep; expected another sweep's --out folder")
+    store = Store.open_readonly(other_dir)
+    try:
+        experiment = store.get_meta("experiment") or {}
+        other_task = experiment_task(experiment)
+        if other_task.name != task.name:
+            raise ConfigError(f"--against {other_dir.name}: a {other_task.name} sweep; this sweep is {task.name}: "
+                              f"expected a sweep of the same task")
+        runs = final_runs(store, metric)
+    finally:
+        store.close()
+    if runs.empty:
+        raise ConfigError(f"--against {other_dir.name}: no finished final runs in its store")
+    return {"name": other_dir.resolve().name, "experiment": experiment, "runs": runs}
+
+
+def build_report(out_dir: str | Path, metric: str | None = None, formats=("csv",), margin: float | None = None,
+                 against: str | Path | None = None) -> dict:
     """Write ``<out_dir>/report/``; returns {'markdown', 'html', 'plots', 'summary', 'cells', 'margin', ...}.
 
     ``margin``: the equivalence margin of the TOST verdicts (default: the experiment's ``margin``,
-    else 0.02).
+    else 0.02). ``against``: another sweep's folder with the same cells (for example the same methods
+    trained with DANN): a section and ``against.csv`` compare the two, paired by seed.
     """
     import pandas as pd
 
@@ -1293,6 +1413,7 @@ def build_report(out_dir: str | Path, metric: str | None = None, formats=("csv",
         task = experiment_task(experiment)
         check_metric(metric, task)  # before anything is written: a typo never empties report.md
         monitor = task.resolve_monitor((experiment.get("train") or {}).get("monitor", "auto"))
+        other = _against(against, out_dir, task, metric)  # checked before anything is written
         report_dir = out_dir / "report"
         report_dir.mkdir(parents=True, exist_ok=True)
         runs = final_runs(store, metric)
@@ -1323,7 +1444,13 @@ def build_report(out_dir: str | Path, metric: str | None = None, formats=("csv",
                  "alignment": alignment_recovery(runs, higher_is_better=higher),
                  "external_backbones": external_backbone_comparisons(runs, margin=margin, higher_is_better=higher),
                  "robust_contrasts": robustness_contrasts(runs, margin=margin)}
-        for name, rows in (("shift_vs_full.csv", shift["shift_contrasts_"] + shift["robust_contrasts"]),
+        if other is not None:
+            shift["against"] = {"name": other["name"], "differences": settings_difference(experiment,
+                                                                                          other["experiment"]),
+                                "contrasts": sweep_contrasts(runs, other["runs"], margin=margin,
+                                                             higher_is_better=higher)}
+        for name, rows in (("against.csv", (shift.get("against") or {}).get("contrasts") or []),
+                           ("shift_vs_full.csv", shift["shift_contrasts_"] + shift["robust_contrasts"]),
                            ("alignment.csv", shift["alignment"]), ("backbones_external.csv", shift["external_backbones"])):
             if rows:
                 pd.DataFrame([{k: _csv_value(v) for k, v in r.items()} for r in rows]).to_csv(report_dir / name,
