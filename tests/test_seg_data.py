@@ -491,3 +491,53 @@ def test_bad_groups_csv_is_an_error_naming_the_file(tmp_path, content, message):
     with pytest.raises(DataError, match="groups.csv") as err:
         load_data(seg_config(root, image_size=32))
     assert message in str(err.value)
+
+
+# ----------------------------------------------------------------------------- hashing while loading
+def test_loaders_hash_the_decoded_pixels_exactly_as_a_file_inspection(tmp_path):
+    from medpeft.data.io import load_images_hashed
+    from medpeft.data.near_duplicates import inspect_file
+
+    rng = np.random.default_rng(0)
+    files = []
+    for name, array, options in [
+        ("gray.png", rng.integers(0, 256, (40, 30), dtype=np.uint8), {}),
+        ("rgb.jpg", rng.integers(0, 256, (33, 47, 3), dtype=np.uint8), {"quality": 80}),
+        ("gray_as_rgb.png", np.repeat(rng.integers(0, 256, (20, 20, 1), dtype=np.uint8), 3, -1), {}),
+        ("rgba.png", rng.integers(0, 256, (25, 25, 4), dtype=np.uint8), {}),
+        ("deep.png", rng.integers(0, 65535, (30, 30), dtype=np.uint16), {}),
+    ]:
+        Image.fromarray(array).save(tmp_path / name, **options)
+        files.append(str(tmp_path / name))
+    images, hashes = load_images_hashed(files * 8, 16)  # 40 files: the threaded path
+    assert images.shape[0] == 40 and len(hashes) == 40
+    for path, got in zip(files * 8, hashes):
+        info = inspect_file(path)
+        assert got == (info.sha256, info.phash, info.dhash), path
+
+
+def test_decoded_hashes_defer_to_the_file_where_its_own_pixels_differ():
+    from medpeft.data.near_duplicates import LARGE_IMAGE_PIXELS, decoded_hashes
+
+    small = np.zeros((8, 8), dtype=np.uint8)
+    assert decoded_hashes("scan.dcm", small, "40,400") is None  # the user's window, not the file's
+    assert decoded_hashes("scan.dcm", small, None) is not None and decoded_hashes("a.png", small, "40,400")
+    assert decoded_hashes("big.png", np.zeros((LARGE_IMAGE_PIXELS // 4096 + 1, 4096), dtype=np.uint8)) is None
+
+
+@pytest.mark.parametrize("kind", ["segmentation", "detection"])
+def test_kvasir_loads_decode_each_file_once_and_split_as_before(kvasir_root, kind, monkeypatch):
+    import medpeft.data.near_duplicates as nd
+
+    inspected = []
+    inspect_files = nd.inspect_files
+    monkeypatch.setattr(nd, "inspect_files", lambda paths: inspected.extend(paths) or inspect_files(paths))
+    cfg = dict(name=str(kvasir_root), task=kind, image_size=32)
+    once = load_data(DataConfig(**cfg))
+    assert inspected == []  # every file hashed while it was loaded: none decoded a second time
+    monkeypatch.setattr(nd, "decoded_hashes", lambda *args: None)  # the earlier way: hash the files again
+    again = load_data(DataConfig(**cfg))
+    assert len(inspected) == len(once.train) + len(once.val) + len(once.test)
+    for a, b in ((once.train, again.train), (once.val, again.val), (once.test, again.test)):
+        assert a.ids == b.ids
+    assert once.split_info["test_ids_sha256"] == again.split_info["test_ids_sha256"]

@@ -30,6 +30,8 @@ class ImageSet:
     files:  the image files a loader read (a pool's only, never carried by ``subset`` or written
             out): near-duplicates are found on them at their own resolution, so an automatic split
             does not depend on the run's image size.
+    file_hashes: the near-duplicate hashes of ``files`` (``near_duplicates.decoded_hashes``), taken
+            while the loader decoded them, so grouping decodes no file twice (a pool's only).
     """
 
     images: torch.Tensor
@@ -39,6 +41,8 @@ class ImageSet:
     masks: torch.Tensor | None = None
     boxes: torch.Tensor | None = None
     files: list[str] | None = field(default=None, repr=False)
+    # (pixel SHA-256, pHash, dHash) per file, hashed while the loader decoded it (None: not hashed)
+    file_hashes: list | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])

@@ -118,14 +118,19 @@ def load_detection(kind: str, where: str, cfg: DataConfig) -> DetectionSource:
         raise DataError(f"{annotations.source}: no annotated image with a file; nothing to train on")
     size = int(cfg.image_size)
 
-    def one(item):
-        return resize_images(_chw_view(read_image(item.path, cfg.dicom_window)), size).contiguous()
+    from medpeft.data.near_duplicates import decoded_hashes
+
+    def one(item):  # the resized image and the near-duplicate hashes of the decoded one
+        pixels = read_image(item.path, cfg.dicom_window)
+        return (resize_images(_chw_view(pixels), size).contiguous(),
+                decoded_hashes(item.path, pixels, cfg.dicom_window))
 
     if len(annotations.images) < 32:
-        images = [one(item) for item in annotations.images]
+        results = [one(item) for item in annotations.images]
     else:
         with ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 1))) as pool:
-            images = list(pool.map(one, annotations.images))
+            results = list(pool.map(one, annotations.images))
+    images, hashes = [r[0] for r in results], [r[1] for r in results]
     per_image = [(resize_boxes(item.boxes, item.size, size), item.labels) for item in annotations.images]
     root = where if kind == "folder" else os.path.dirname(os.path.abspath(where))
     ids = [os.path.relpath(item.path, root).replace(os.sep, "/") for item in annotations.images]
@@ -136,7 +141,8 @@ def load_detection(kind: str, where: str, cfg: DataConfig) -> DetectionSource:
         groups = folder_groups(where, ids)[0]  # video sequences / patients the folder documents
     strata = torch.tensor([int(len(b) > 0) for b, _ in per_image], dtype=torch.int64)
     pool = ImageSet(images=stack_mixed_channels(images), labels=strata, ids=ids, groups=groups,
-                    boxes=padded_boxes(per_image), files=[item.path for item in annotations.images])
+                    boxes=padded_boxes(per_image), files=[item.path for item in annotations.images],
+                    file_hashes=hashes)
     name = os.path.basename(os.path.normpath(where)) if kind == "folder" else os.path.splitext(os.path.basename(where))[0]
     corrections = {k: v for k, v in annotations.corrections.items() if v}
     return DetectionSource(name=name, class_names=list(annotations.class_names), pool=pool, split=None,

@@ -15,7 +15,7 @@ import os
 import torch
 
 from medpeft.data.base import DataConfig, ImageSet
-from medpeft.data.io import IMAGE_EXTENSIONS, is_image_file, load_images
+from medpeft.data.io import IMAGE_EXTENSIONS, is_image_file, load_images_hashed
 from medpeft.errors import DataError
 
 
@@ -63,14 +63,14 @@ def load_image_folder(root: str, cfg: DataConfig) -> tuple[str, str, list[str], 
     """Read every image of the folder into one pool (splitting happens in the registry)."""
     rel_paths, labels, class_names = scan_image_folder(root, cfg.mask_pattern)
     files = [os.path.join(root, p) for p in rel_paths]
-    images = load_images(files, cfg.image_size, cfg.dicom_window)
+    images, hashes = load_images_hashed(files, cfg.image_size, cfg.dicom_window)
     groups = _dicom_groups(files)
     if groups is None:  # a groups.csv or README frame-range table of the folder (patients, sequences)
         from medpeft.data.groups import folder_groups
 
         groups = folder_groups(root, rel_paths)[0]
     pool = ImageSet(images=images, labels=torch.tensor(labels, dtype=torch.int64), ids=rel_paths, groups=groups,
-                    files=files)
+                    files=files, file_hashes=hashes)
     task = "binary" if len(class_names) == 2 else "multiclass"
     name = os.path.basename(os.path.normpath(root))
     return name, task, class_names, pool

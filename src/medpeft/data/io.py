@@ -186,18 +186,30 @@ def array_to_chw(array: np.ndarray) -> torch.Tensor:
 
 def load_images(paths: Iterable[str], size: int, dicom_window: str | None = None) -> torch.Tensor:
     """Decode and resize every file right away (only the small copies are kept): uint8 [N, C, S, S]."""
+    return load_images_hashed(paths, size, dicom_window, hashes=False)[0]
+
+
+def load_images_hashed(paths: Iterable[str], size: int, dicom_window: str | None = None,
+                       hashes: bool = True) -> tuple[torch.Tensor, list | None]:
+    """``load_images`` plus each file's near-duplicate hashes taken from the pixels just decoded
+    (``near_duplicates.decoded_hashes``; None where those would differ from a file's own)."""
+    from medpeft.data.near_duplicates import decoded_hashes
+
     paths = list(paths)
     parse_window(dicom_window)  # a malformed window fails even when no file is a DICOM one
 
-    def one(path: str) -> torch.Tensor:
-        return resize_images(array_to_chw(read_image(path, dicom_window)), size)
+    def one(path: str):
+        pixels = read_image(path, dicom_window)
+        return (resize_images(array_to_chw(pixels), size),
+                decoded_hashes(path, pixels, dicom_window) if hashes else None)
 
     if len(paths) < 32:
-        return stack_mixed_channels([one(p) for p in paths])
-    # PIL decoding and torch resizing release the GIL: a few threads overlap the per-file work
-    workers = min(8, 2 * (os.cpu_count() or 1))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return stack_mixed_channels(list(pool.map(one, paths)))
+        results = [one(p) for p in paths]
+    else:  # PIL decoding, hashing and torch resizing release the GIL: a few threads overlap the work
+        workers = min(8, 2 * (os.cpu_count() or 1))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(one, paths))
+    return stack_mixed_channels([r[0] for r in results]), ([r[1] for r in results] if hashes else None)
 
 
 def stack_mixed_channels(images: list[torch.Tensor]) -> torch.Tensor:

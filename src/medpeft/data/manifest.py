@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from medpeft.data.base import DataConfig, ImageSet
-from medpeft.data.io import load_images
+from medpeft.data.io import load_images_hashed
 from medpeft.data.splits import SPLITS
 from medpeft.errors import DataError
 
@@ -197,11 +197,11 @@ def check_manifest(path: str, cfg: DataConfig) -> tuple:
 
 def load_manifest(path: str, cfg: DataConfig) -> Manifest:
     root_real, files, ids, split, groups, task, class_names, labels = check_manifest(path, cfg)
-    images = load_images(files, cfg.image_size, cfg.dicom_window)
+    images, hashes = load_images_hashed(files, cfg.image_size, cfg.dicom_window)
     if groups is None:
         from medpeft.data.folder import _dicom_groups
 
         groups = _dicom_groups(files)
-    pool = ImageSet(images=images, labels=labels, ids=ids, groups=groups, files=files)
+    pool = ImageSet(images=images, labels=labels, ids=ids, groups=groups, files=files, file_hashes=hashes)
     name = os.path.splitext(os.path.basename(path))[0]
     return Manifest(name=name, task=task, class_names=class_names, pool=pool, split=split, root=root_real)

@@ -177,8 +177,9 @@ def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
 
 
 def read_pair(image_path: str, mask_paths: list[str], size: int, num_classes: int = 2,
-              dicom_window: str | None = None) -> tuple[torch.Tensor, np.ndarray, bool]:
-    """(image uint8 [C, size, size], mask uint8 (size, size), has foreground at original size).
+              dicom_window: str | None = None) -> tuple[torch.Tensor, np.ndarray, bool, tuple | None]:
+    """(image uint8 [C, size, size], mask uint8 (size, size), has foreground at original size, the
+    image's near-duplicate hashes from the decoded pixels: ``near_duplicates.decoded_hashes``).
     Several mask files are merged: OR for binary masks, later files' non-zero labels win for
     label maps. DataError when a mask's size differs from its image's (original sizes)."""
     pixels = read_image(image_path, dicom_window)
@@ -191,8 +192,10 @@ def read_pair(image_path: str, mask_paths: list[str], size: int, num_classes: in
                             f"is {width}x{height} px; a mask must have the size of its image")
         mask = part if mask is None else (np.maximum(mask, part) if num_classes == 2
                                           else np.where(part > 0, part, mask))
+    from medpeft.data.near_duplicates import decoded_hashes
+
     image = resize_images(_chw_view(pixels), size).contiguous()
-    return image, resize_mask(mask, size), bool(mask.any())
+    return image, resize_mask(mask, size), bool(mask.any()), decoded_hashes(image_path, pixels, dicom_window)
 
 
 def _chw_view(pixels: np.ndarray) -> torch.Tensor:
@@ -204,9 +207,9 @@ def _chw_view(pixels: np.ndarray) -> torch.Tensor:
 
 
 def load_pairs(pairs: list[tuple[str, list[str]]], size: int, num_classes: int = 2,
-               dicom_window: str | None = None) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+               dicom_window: str | None = None) -> tuple[torch.Tensor, torch.Tensor, list[bool], list]:
     """Read (image, mask files) pairs with a few threads (decoding and resizing release the GIL):
-    images uint8 [N, C, S, S], masks uint8 [N, S, S], has-foreground per image."""
+    images uint8 [N, C, S, S], masks uint8 [N, S, S], has-foreground and near-duplicate hashes per image."""
     if not pairs:
         raise DataError("no images with masks to read")
 
@@ -220,7 +223,7 @@ def load_pairs(pairs: list[tuple[str, list[str]]], size: int, num_classes: int =
             results = list(pool.map(one, pairs))
     images = stack_mixed_channels([r[0] for r in results])
     masks = torch.from_numpy(np.stack([r[1] for r in results]))
-    return images, masks, [r[2] for r in results]
+    return images, masks, [r[2] for r in results], [r[3] for r in results]
 
 
 # ----------------------------------------------------------------------------- folder layouts
@@ -383,14 +386,15 @@ def _foreground_strata(has_foreground: list[bool]) -> torch.Tensor:
 
 def _pool(root: str, pairs, cfg: DataConfig, class_names: list[str], labels, groups=None):
     files = [(os.path.join(root, image), [os.path.join(root, m) for m in masks]) for image, masks in pairs]
-    images, masks, has_fg = load_pairs(files, cfg.image_size, len(class_names), cfg.dicom_window)
+    images, masks, has_fg, hashes = load_pairs(files, cfg.image_size, len(class_names), cfg.dicom_window)
     strata = _foreground_strata(has_fg) if labels is None else torch.as_tensor(labels, dtype=torch.int64)
     ids = [image for image, _ in pairs]
     if groups is None:
         from medpeft.data.folder import _dicom_groups
 
         groups = _dicom_groups([f for f, _ in files])
-    return ImageSet(images=images, labels=strata, ids=ids, groups=groups, masks=masks, files=[f for f, _ in files])
+    return ImageSet(images=images, labels=strata, ids=ids, groups=groups, masks=masks, files=[f for f, _ in files],
+                    file_hashes=hashes)
 
 
 def load_mask_folder(root: str, cfg: DataConfig) -> SegmentationSource:

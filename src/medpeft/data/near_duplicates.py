@@ -258,15 +258,37 @@ def _inspect_large(path: str, info: FileInfo) -> FileInfo:
     return info
 
 
+def decoded_hashes(path: str, pixels: np.ndarray, dicom_window: str | None = None) -> tuple[str, int, int] | None:
+    """(pixel SHA-256, pHash, dHash) that ``inspect_file(path)`` gives, from the pixels a loader
+    decoded with ``read_image(path, dicom_window)``: a loader hashes while it reads, so no file is
+    decoded twice. None where ``inspect_file`` would hash other pixels: a DICOM file read with a
+    window of the user's (it hashes the file's own window) or an image above LARGE_IMAGE_PIXELS (it
+    hashes a reduced copy); ``hash_files`` then inspects that file itself."""
+    if dicom_window is not None and path.lower().endswith(".dcm"):
+        return None
+    if pixels.shape[0] * pixels.shape[1] > LARGE_IMAGE_PIXELS:
+        return None
+    return (pixel_sha256(pixels), *perceptual_hash(pixels))
+
+
 def inspect_files(paths: Sequence[str]) -> list[FileInfo]:
     workers = min(8, 2 * (os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:  # decoding releases the GIL
         return list(pool.map(inspect_file, paths))
 
 
-def hash_files(paths: Sequence[str]) -> ImageHashes:
-    infos = inspect_files(list(paths))
-    return _hashes_of(infos)
+def hash_files(paths: Sequence[str], known: Sequence[tuple[str, int, int] | None] | None = None) -> ImageHashes:
+    """Hashes of image files; ``known``: ``decoded_hashes`` per file from the loader (None entries,
+    or no list, are inspected here)."""
+    paths = list(paths)
+    if known is not None and len(known) != len(paths):
+        raise DataError(f"known hashes: {len(known)} entries for {len(paths)} files")
+    known = list(known) if known is not None else [None] * len(paths)
+    todo = [i for i, k in enumerate(known) if k is None]
+    for i, info in zip(todo, inspect_files([paths[i] for i in todo])):
+        known[i] = (info.sha256, info.phash, info.dhash)
+    return ImageHashes([k[0] for k in known], np.array([k[1] for k in known], dtype=np.uint64),
+                       np.array([k[2] for k in known], dtype=np.uint64))
 
 
 def _hashes_of(infos: list[FileInfo]) -> ImageHashes:

@@ -184,12 +184,13 @@ def _with_near_duplicate_groups(pool, cfg: DataConfig):
     near-duplicate pair can sit on two sides of an automatic split."""
     if cfg.near_duplicates == "ignore":
         return pool
-    from medpeft.data.near_duplicates import leak_free_groups
+    from medpeft.data.near_duplicates import hash_files, leak_free_groups
 
     # hashed from the files when the loader kept them: the same groups, hence the same split, at every
-    # image size (hashes of resized copies differ slightly from size to size)
-    groups = leak_free_groups(pool.files if pool.files is not None else pool, threshold=cfg.near_duplicate_threshold,
-                              existing=pool.groups)
+    # image size (hashes of resized copies differ slightly from size to size); the loader hashed the
+    # pixels it decoded, so no file is read a second time
+    source = pool if pool.files is None else hash_files(pool.files, known=pool.file_hashes)
+    groups = leak_free_groups(source, threshold=cfg.near_duplicate_threshold, existing=pool.groups)
     if pool.groups is None and len(set(groups)) == len(groups):
         return pool  # no near-duplicates: the plain stratified split applies
     pool.groups = groups
