@@ -622,6 +622,13 @@ def external_backbone_comparisons(runs, margin: float = DEFAULT_MARGIN, alpha: f
     return out
 
 
+def _paired_by_seed(a_rows, b_rows) -> tuple[list[int], list[float], list[float]]:
+    """(seeds both frames ran with a value, their values in A, in B); frames indexed by seed."""
+    seeds = sorted(s for s in set(a_rows.index) & set(b_rows.index)
+                   if a_rows["value"][s] == a_rows["value"][s] and b_rows["value"][s] == b_rows["value"][s])
+    return seeds, [float(a_rows["value"][s]) for s in seeds], [float(b_rows["value"][s]) for s in seeds]
+
+
 AGAINST_HEADER = ["quantity", "data", "backbone", "fraction", "method", "this sweep", "other sweep",
                   "delta this - other (95% CI)", "p t (raw)", "p Holm", "q BH", "TOST p", "verdict (this vs other)",
                   "seeds", "same split"]
@@ -654,11 +661,9 @@ def sweep_contrasts(runs, other, margin: float = DEFAULT_MARGIN, alpha: float = 
             for k, v in zip(keys, key):
                 match = match[match[k] == v]
             a_rows, b_rows = cell.set_index("seed"), match.set_index("seed")
-            seeds = sorted(s for s in set(a_rows.index) & set(b_rows.index)
-                           if a_rows["value"][s] == a_rows["value"][s] and b_rows["value"][s] == b_rows["value"][s])
+            seeds, a, b = _paired_by_seed(a_rows, b_rows)
             if not seeds:
                 continue
-            a, b = [float(a_rows["value"][s]) for s in seeds], [float(b_rows["value"][s]) for s in seeds]
             test = paired_test(a, b)
             family.append({"quantity": quantity, **dict(zip(keys, key)), "mean_a": sum(a) / len(a),
                            "mean_b": sum(b) / len(b), "delta": test["mean_diff"], "delta_low": test["diff_low"],
@@ -734,11 +739,9 @@ def backbone_comparisons(runs, margin: float = DEFAULT_MARGIN, alpha: float = AL
         for a_name, b_name in combinations(present, 2):
             a_rows = group[group.backbone == a_name].set_index("seed")
             b_rows = group[group.backbone == b_name].set_index("seed")
-            seeds = sorted(s for s in set(a_rows.index) & set(b_rows.index)
-                           if a_rows["value"][s] == a_rows["value"][s] and b_rows["value"][s] == b_rows["value"][s])
+            seeds, a, b = _paired_by_seed(a_rows, b_rows)
             if not seeds:
                 continue
-            a, b = [float(a_rows["value"][s]) for s in seeds], [float(b_rows["value"][s]) for s in seeds]
             test = paired_test(a, b)
             out.append({"data": data, "fraction": fraction, "method": method, "backbone_a": a_name,
                         "backbone_b": b_name, "n_pairs": test["n"], "seeds": seeds,
