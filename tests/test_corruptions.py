@@ -89,6 +89,15 @@ def test_run_reports_every_corruption_and_severity_after_the_clean_test(tmp_path
     clean = execute(RunConfig.from_dict({**cfg.to_dict(), "corruptions": None}), save=False)
     assert clean["test"]["auroc"] == metrics["test"]["auroc"]  # the clean test is unchanged by the suite
 
+    from medpeft.report_console import console, print_run_summary
+
+    with console.capture() as captured:
+        print_run_summary(metrics)
+    text = " ".join(captured.get().split())  # rich wraps long lines at spaces
+    assert f"relative robustness {entry['relative']:.4f}" in text
+    worst = min(entry["per_corruption"], key=entry["per_corruption"].get)
+    assert f"worst: {worst} {entry['per_corruption'][worst]:.4f}" in text
+
 
 def test_sweep_report_has_a_robustness_table_and_plot(tmp_path):
     from medpeft.bench.grid import Experiment

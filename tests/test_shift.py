@@ -208,6 +208,22 @@ def test_aligned_external_evaluations_sit_beside_the_raw_one(home, away):
         RunConfig(align=["cyclegan"], external_test=["x"])
 
 
+def test_run_summary_prints_each_external_set_beside_the_home_test(home, away, monkeypatch):
+    from medpeft.report_console import console, print_run_summary
+
+    metrics = execute(RunConfig.from_dict({**config(home, [away]).to_dict(), "align": ["histogram"]}),
+                      save=False)
+    monkeypatch.setattr(console, "width", 250)  # one line per row: no wrapped cells
+    with console.capture() as captured:
+        print_run_summary(metrics)
+    text = captured.get()
+    assert "hospital_b (95% CI)" in text and "hospital_b+histogram (95% CI)" in text
+    auroc = metrics["external"]["hospital_b+histogram"]["auroc"]
+    row = next(line for line in text.splitlines() if line.strip("│ ").startswith("auroc"))
+    assert row.count("[") == 4  # validation, test and the two external columns
+    assert row.rstrip(" │").endswith(f"{auroc['value']:.4f} [{auroc['low']:.4f}, {auroc['high']:.4f}]")
+
+
 # ---------------------------------------------------------------------- DANN
 
 

@@ -51,10 +51,22 @@ def print_run_summary(metrics: dict) -> None:
     table.add_column("metric")
     table.add_column("validation (95% CI)")
     table.add_column("test (95% CI)")
+    external = metrics.get("external") or {}  # read once after the home test; never used for selection
+    for set_name in external:
+        table.add_column(f"{set_name} (95% CI)")
     for name, test in metrics["test"].items():  # the task's metrics, in its order
         if isinstance(test, dict) and "value" in test:
-            table.add_row(name, _fmt(metrics["val"][name]), _fmt(test))
+            cells = [_fmt(ext[name]) if isinstance(ext.get(name), dict) else "-" for ext in external.values()]
+            table.add_row(name, _fmt(metrics["val"][name]), _fmt(test), *cells)
     console.print(table)
+    corrupted = metrics.get("corruptions")
+    if corrupted:
+        console.print(
+            f"corruptions ({corrupted['suite']}, {len(corrupted['per_corruption'])} x 5 severities, test images): "
+            f"{corrupted['metric']} clean {corrupted['clean']:.4f}, mean corrupted {corrupted['mean']:.4f}, "
+            f"relative robustness {corrupted['relative']:.4f}; worst: "
+            + ", ".join(f"{k} {v:.4f}" for k, v in sorted(corrupted["per_corruption"].items(), key=lambda kv: kv[1])[:3]),
+            highlight=False)
     p = metrics["params"]
     console.print(
         f"trainable {p['trainable']:,} / {p['total']:,} params ({p['trainable_pct']:.3f}%) · best epoch "
