@@ -121,3 +121,24 @@ def test_sweep_report_has_a_robustness_table_and_plot(tmp_path):
               if r["kind"] == "final" and r["method"] == "lora"]
     line = next(line for line in text.splitlines() if line.startswith("| ") and "| lora | 2 |" in line)
     assert f"| {np.mean(finals):.3f} [" in line
+    # every corruption x severity: the mean over seeds of each run's stored value, with its CI
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "sweep" / "report" / "corruptions.csv")
+    lora = [r["result"]["metrics"] for r in rows if r["kind"] == "final" and r["method"] == "lora"]
+    assert len(table) == 2 * len(SUITES["xray"]) * len(SEVERITIES)  # two methods
+    for name in SUITES["xray"]:
+        for severity in SEVERITIES:
+            values = [m["corruptions"]["results"][name][str(severity)]["auroc"]["value"] for m in lora]
+            row = table[(table.method == "lora") & (table.corruption == name) & (table.severity == severity)].iloc[0]
+            assert row["seeds"] == 2 and row["mean"] == pytest.approx(np.mean(values))
+            assert row["relative"] == pytest.approx(np.mean([v / m["test"]["auroc"]["value"]
+                                                             for v, m in zip(values, lora)]))
+            assert row["low"] <= row["mean"] <= row["high"]
+    header = next(line for line in text.splitlines() if line.startswith("| method |") and "severity 5" in line)
+    assert all(name in header for name in SUITES["xray"])
+    line = next(line for line in text.splitlines() if line.startswith("| lora |") and line.count("|") ==
+                header.count("|"))
+    first = header.split("|")[2].strip()  # the first corruption column
+    expected = np.mean([m["corruptions"]["results"][first][str(s)]["auroc"]["value"] for m in lora for s in SEVERITIES])
+    assert line.split("|")[2].strip() == f"{expected:.4f}"

@@ -150,9 +150,7 @@ def final_runs(store: Store, metric: str):
             # detection: test sensitivity at 1/8 .. 8 false positives per image (the FROC points)
             "froc_at": (metrics.get("test") or {}).get("froc_at"),
             # the corruption suite's summary (primary metric): mean corrupted, relative, per corruption
-            "corruptions": {k: (metrics.get("corruptions") or {}).get(k) for k in ("suite", "metric", "clean", "mean",
-                                                                                   "relative", "per_corruption")}
-            if metrics.get("corruptions") else None,
+            "corruptions": _corruption_summary(metrics.get("corruptions")),
             # the metric on each external test set (evaluated once, after the home test)
             "external": {name: (values.get(metric) or {}).get("value")
                          for name, values in (metrics.get("external") or {}).items()},
@@ -783,6 +781,69 @@ def backbone_rows(comparisons: list[dict]) -> list[list[str]]:
              _same_images(r)] for r in comparisons]
 
 
+def _corruption_summary(entry: dict | None) -> dict | None:
+    """A run's corruption results as the report needs them: the suite summary and the primary
+    metric at each corruption x severity (``by_severity[name][severity]``)."""
+    if not entry:
+        return None
+    out = {k: entry.get(k) for k in ("suite", "metric", "clean", "mean", "relative", "per_corruption")}
+    out["by_severity"] = {name: {str(sev): ((values.get(entry.get("metric")) or {}).get("value"))
+                                 for sev, values in severities.items()}
+                          for name, severities in (entry.get("results") or {}).items()}
+    return out
+
+
+def corruption_breakdown(runs) -> list[dict]:
+    """Per cell, method, corruption and severity: the suite metric's mean over seeds with its
+    Student-t 95 % CI and the mean relative value (corrupted / clean of the same run) - the
+    per corruption x severity table of the robustness section (``corruptions.csv``)."""
+    from ..stats import mean_std_ci
+
+    rows = []
+    for (data, backbone, fraction, method), entries in _robust_cells(runs):
+        names = list(dict.fromkeys(n for _, c in entries for n in (c.get("by_severity") or {})))
+        for name in names:
+            severities = list(dict.fromkeys(s for _, c in entries for s in (c.get("by_severity") or {}).get(name, {})))
+            for severity in severities:
+                pairs = [(c["by_severity"][name][severity], clean) for clean, c in entries
+                         if (c.get("by_severity") or {}).get(name, {}).get(severity) is not None]
+                if not pairs:
+                    continue
+                stats = mean_std_ci([v for v, _ in pairs])
+                rows.append({"data": label(data), "backbone": backbone, "fraction": fraction, "method": method,
+                             "corruption": name, "severity": int(severity), "metric": entries[0][1].get("metric"),
+                             "seeds": len(pairs), "mean": stats["mean"], "std": stats["std"], "low": stats["low"],
+                             "high": stats["high"],
+                             "relative": sum(v / clean for v, clean in pairs if clean) / len(pairs)})
+    return rows
+
+
+def corruption_tables(breakdown: list[dict]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """For each cell, (title, header, rows): methods x corruptions (mean over severities and seeds)
+    with a column per severity (mean over corruptions and seeds) - the suite metric itself."""
+    cells: dict = {}
+    for r in breakdown:
+        cells.setdefault((r["data"], r["backbone"], r["fraction"]), []).append(r)
+    tables = []
+    for (data, backbone, fraction), rows in cells.items():
+        names = list(dict.fromkeys(r["corruption"] for r in rows))
+        severities = sorted({r["severity"] for r in rows})
+        header = ["method", *names, *[f"severity {s}" for s in severities]]
+        body = []
+        for method in dict.fromkeys(r["method"] for r in rows):
+            mine = [r for r in rows if r["method"] == method]
+
+            def mean_of(selected):
+                return _num(sum(r["mean"] for r in selected) / len(selected)) if selected else "-"
+
+            body.append([method, *[mean_of([r for r in mine if r["corruption"] == n]) for n in names],
+                         *[mean_of([r for r in mine if r["severity"] == s]) for s in severities]])
+        tables.append((f"{data} - {backbone} - fraction {fraction:g}: {rows[0]['metric']} per corruption "
+                       f"(mean over severities and seeds) and per severity (mean over corruptions and seeds)",
+                       header, body))
+    return tables
+
+
 ROBUSTNESS_HEADER = ["data", "backbone", "fraction", "method", "seeds", "clean test mean (suite metric)", "corrupted mean",
                      "relative robustness [95% CI]", "worst corruption (mean)"]
 
@@ -1075,7 +1136,8 @@ def _blocks(summary, cells, store: Store, plots: dict, metric: str, notes: list[
             n_runs: int, lower_val_is_better: bool = False, shift: list | None = None,
             robustness: list | None = None, backbones: list | None = None, shift_contrasts_: list | None = None,
             alignment: list | None = None, external_backbones: list | None = None,
-            robust_contrasts: list | None = None, against: dict | None = None) -> list[Block]:
+            robust_contrasts: list | None = None, against: dict | None = None,
+            corruptions: list | None = None) -> list[Block]:
     experiment = store.get_meta("experiment")
     monitor = experiment_task(experiment).resolve_monitor(((experiment or {}).get("train") or {}).get("monitor", "auto"))
     sweep_notes = store.get_meta("notes") or []
@@ -1170,6 +1232,9 @@ def _blocks(summary, cells, store: Store, plots: dict, metric: str, notes: list[
                                  f"severities; relative robustness = corrupted / clean of the same run, mean over "
                                  f"seeds with its Student-t 95% CI."))
         blocks.append(Block("table", header=ROBUSTNESS_HEADER, rows=robustness))
+        for title, header, rows in corruption_tables(corruptions or []):
+            blocks.append(Block("p", title + "; every corruption x severity with CIs: corruptions.csv."))
+            blocks.append(Block("table", header=header, rows=rows))
     if robust_contrasts:
         blocks.append(Block("h3", "Which methods keep most under corruption? Relative robustness vs full fine-tuning"))
         blocks.append(Block("p", f"Relative robustness of every method against full fine-tuning on the same seeds: "
@@ -1452,15 +1517,17 @@ def build_report(out_dir: str | Path, metric: str | None = None, formats=("csv",
                                                                                           other["experiment"]),
                                 "contrasts": sweep_contrasts(runs, other["runs"], margin=margin,
                                                              higher_is_better=higher)}
+        breakdown = corruption_breakdown(runs)
         for name, rows in (("against.csv", (shift.get("against") or {}).get("contrasts") or []),
                            ("shift_vs_full.csv", shift["shift_contrasts_"] + shift["robust_contrasts"]),
-                           ("alignment.csv", shift["alignment"]), ("backbones_external.csv", shift["external_backbones"])):
+                           ("alignment.csv", shift["alignment"]), ("backbones_external.csv", shift["external_backbones"]),
+                           ("corruptions.csv", breakdown)):
             if rows:
                 pd.DataFrame([{k: _csv_value(v) for k, v in r.items()} for r in rows]).to_csv(report_dir / name,
                                                                                             index=False)
         blocks = _blocks(summary, cells, store, plots, metric, notes, margin, len(runs),
                          task.direction(monitor) == "min", shift=shift_rows(runs, metric),
-                         robustness=robustness_rows(runs), backbones=backbones, **shift)
+                         robustness=robustness_rows(runs), backbones=backbones, corruptions=breakdown, **shift)
         md_path, html_path = report_dir / "report.md", report_dir / "report.html"
         md_path.write_text(to_markdown(blocks, report_dir))
         html_path.write_text(to_html(blocks))
