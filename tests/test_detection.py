@@ -431,3 +431,33 @@ def test_detection_options_leave_older_store_keys_unchanged():
     back = RunConfig.from_dict(custom)
     assert back.data.boxes == "coco.json" and back.data.box_min_size == 4
     assert RunConfig.from_dict(plain).data.box_min_size == 10
+
+
+def test_a_mask_derived_external_set_is_checked_before_training_and_mapped_with_mask_classes(box_folder, tmp_path,
+                                                                                               monkeypatch):
+    """Kvasir-SEG's box file says 'polyp', boxes drawn from CVC-ClinicDB's masks say 'lesion': a
+    clear error before any training, and mask_classes names the mask class so the two match."""
+    import medpeft.run as run_module
+
+    folder, truth = box_folder
+    home = folder / "polyp_boxes.csv"  # the same images with boxes named 'polyp' (as a box file would)
+    rows = ["path,x0,y0,x1,y1,label"] + [f"{i},{x0},{y0},{x1},{y1},polyp" if boxes else f"{i},,,,,"
+                                          for i, boxes in sorted(truth.items()) for x0, y0, x1, y1 in (boxes or [(0,) * 4])]
+    home.write_text("\n".join(rows) + "\n")
+    away, _ = make_box_folder(tmp_path / "other_centre", n=12)
+    cfg = det_config(home)
+    cfg.external_test = [str(away)]
+    real_train = run_module.train_model
+    monkeypatch.setattr(run_module, "train_model", lambda *a, **k: pytest.fail("trained before the check"))
+    try:
+        with pytest.raises(ConfigError, match=r"external test set 'other_centre' has classes \['background', "
+                                              r"'lesion'\]; the run's are \['background', 'polyp'\].*"
+                                              r"--mask-classes background,polyp"):
+            execute(cfg, save=False)
+        monkeypatch.setattr(run_module, "train_model", real_train)
+        cfg.data.mask_classes = ["background", "polyp"]
+        metrics = execute(cfg, save=False)
+    finally:
+        home.unlink()
+    entry = metrics["external"]["other_centre"]
+    assert entry["n_images"] == 12 and 0.0 <= entry["map50"]["value"] <= 1.0

@@ -423,8 +423,16 @@ def check_external_sources(cfg: RunConfig, class_names: list[str]) -> None:
                           "ground-truth box per image; evaluate an unprompted run")
     for source in cfg.external_test:
         external = dataclasses.replace(cfg.data, name=source, fraction=None, shots=None, split_file=None)
-        if check_source(external) == "folder" and cfg.data.task == "classification":
+        kind = check_source(external)
+        if kind == "folder" and cfg.data.task == "classification":
             check_folder_classes(external, class_names)
+        elif cfg.data.task == "detection":  # box-file names, or the mask classes: no pixel read
+            from .data.detection import annotation_class_names
+            from .data.external import check_class_names
+            from .data.registry import resolve_source
+
+            check_class_names(source, annotation_class_names(kind, resolve_source(external)[1], external),
+                              class_names, task="detection")
 
 
 def evaluate_external(cfg: RunConfig, model, bundle: DataBundle, info, plugin, options: dict) -> dict:

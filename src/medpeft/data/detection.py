@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from medpeft.data.base import DataConfig, ImageSet
-from medpeft.data.boxes import (BoxAnnotations, read_box_csv, read_coco_boxes, read_kvasir_boxes, read_mask_boxes,
+from medpeft.data.boxes import (BACKGROUND, BoxAnnotations, read_box_csv, read_coco_boxes, read_kvasir_boxes, read_mask_boxes,
                                 resize_boxes)
 from medpeft.errors import ConfigError, DataError
 
@@ -105,7 +105,25 @@ def read_annotations(kind: str, where: str, cfg: DataConfig) -> tuple[BoxAnnotat
     kvasir = os.path.join(where, KVASIR_FILE)
     if os.path.isfile(kvasir):
         return read_kvasir_boxes(kvasir, images_dir=os.path.join(where, "images")), "kvasir"
-    return read_mask_boxes(where, min_size=cfg.box_min_size, mask_pattern=cfg.mask_pattern), "masks"
+    return read_mask_boxes(where, min_size=cfg.box_min_size, mask_pattern=cfg.mask_pattern,
+                           classes=_mask_box_classes(cfg)), "masks"
+
+
+def _mask_box_classes(cfg: DataConfig) -> list[str]:
+    """Foreground names of boxes drawn from masks: ``mask_classes`` without the background (default
+    'lesion'), so masks can name their class as another set's box file does (e.g. 'polyp')."""
+    from medpeft.data.masks import mask_class_names
+
+    return mask_class_names(cfg)[1:]
+
+
+def annotation_class_names(kind: str, where: str, cfg: DataConfig) -> list[str]:
+    """The class names a detection source will have, read before any training: from the box file
+    (annotations only, no pixels) or, for boxes from masks, from ``mask_classes`` alone."""
+    has_box_file = kind == "manifest" or cfg.boxes or os.path.isfile(os.path.join(where, KVASIR_FILE))
+    if kind != "medmnist" and not has_box_file:
+        return [BACKGROUND, *_mask_box_classes(cfg)]
+    return list(read_annotations(kind, where, cfg)[0].class_names)
 
 
 def load_detection(kind: str, where: str, cfg: DataConfig) -> DetectionSource:

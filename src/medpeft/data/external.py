@@ -49,10 +49,20 @@ def check_external_names(sources: list[str]) -> list[str]:
     return names
 
 
-def _mismatch(name: str, found: list[str], expected: list[str]) -> ConfigError:
+def _mismatch(name: str, found: list[str], expected: list[str], task: str = "classification") -> ConfigError:
+    how = {"detection": "name the class of boxes drawn from masks with mask_classes (e.g. --mask-classes "
+                        f"{','.join(expected)}) or give a box file (CSV path,x0,y0,x1,y1,label) with the run's "
+                        "names",
+           "segmentation": "give mask_classes with the run's names"}.get(
+        task, "map its labels with a CSV manifest (path,label) that uses the run's class names")
     return ConfigError(f"external test set {name!r} has classes {list(found)}; the run's are {list(expected)}. "
-                       "An external set needs the same label space (the same names in the same order); map its "
-                       "labels with a CSV manifest (path,label) that uses the run's class names")
+                       f"An external set needs the same label space (the same names in the same order): {how}")
+
+
+def check_class_names(source: str, found: list[str], expected: list[str], task: str = "classification") -> None:
+    """ConfigError unless an external set's class names equal the run's, in order."""
+    if list(found) != list(expected):
+        raise _mismatch(external_name(source), found, expected, task)
 
 
 def check_folder_classes(cfg: DataConfig, class_names: list[str]) -> None:
@@ -106,8 +116,7 @@ def load_external(home: DataConfig, source: str, class_names: list[str], channel
         manifest = load_manifest(where, cfg)
         pool, names = manifest.pool, manifest.class_names
     name = external_name(source)
-    if list(names) != list(class_names):
-        raise _mismatch(name, names, class_names)
+    check_class_names(source, names, class_names, home.task)
     if len(pool) == 0:
         raise DataError(f"external test set {name!r} holds no images")
     notes = []
