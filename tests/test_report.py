@@ -417,10 +417,20 @@ def test_alignment_recovery_is_aligned_minus_raw_of_the_same_runs_with_holm(tmp_
 def test_external_backbone_comparison_and_robustness_contrasts(tmp_path):
     make_shift_store(tmp_path)
     rep = build_report(tmp_path)
-    ext = {(r["external"], r["method"]): r for r in rep["shift"]["external_backbones"]}
+    ext = {(r["external"], r["quantity"], r["method"]): r for r in rep["shift"]["external_backbones"]}
     ref = paired_test(_col("cnn", "full", 1), _col("med", "full", 1))
-    assert ext[("B", "full")]["delta"] == pytest.approx(ref["mean_diff"]) and ext[("B", "full")]["verdict"] == "worse"
-    assert ("B+fda", "lora") in ext
+    got = ext[("B", "external", "full")]
+    assert got["delta"] == pytest.approx(ref["mean_diff"]) and got["verdict"] == "worse"
+    assert ("B+fda", "external", "lora") in ext
+    # does it lose less? the drop (external - in-domain of the same run), paired by seed, Holm over
+    # the backbone pairs of one set and quantity (here the two methods both backbones ran)
+    drops = {(b, m): [x[1] - x[0] for x in SHIFT_RUNS[(b, m)]] for b in ("cnn", "med") for m in ("full", "lora")}
+    refs = {m: paired_test(drops[("cnn", m)], drops[("med", m)]) for m in ("full", "lora")}
+    for method in ("full", "lora"):
+        got = ext[("B", "drop", method)]
+        assert got["delta"] == pytest.approx(refs[method]["mean_diff"]) and got["verdict"] == "worse"
+    assert [ext[("B", "drop", m)]["p_holm"] for m in ("full", "lora")] == pytest.approx(
+        holm([refs[m]["t_pvalue"] for m in ("full", "lora")]))
     robust = {(r["backbone"], r["method"]): r for r in rep["shift"]["robust_contrasts"]}
     ref = paired_test(_col("cnn", "lora", 3), _col("cnn", "full", 3))
     assert robust[("cnn", "lora")]["delta"] == pytest.approx(ref["mean_diff"])

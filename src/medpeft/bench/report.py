@@ -610,13 +610,16 @@ def alignment_rows(recovery: list[dict]) -> list[list[str]]:
 
 def external_backbone_comparisons(runs, margin: float = DEFAULT_MARGIN, alpha: float = ALPHA,
                                   higher_is_better: bool = True) -> list[dict]:
-    """Does one backbone transfer better? ``backbone_comparisons`` on each external set's score
-    (one Holm / BH family per external set); each row names its set."""
+    """Does one backbone transfer better? ``backbone_comparisons`` on each external set's score and on
+    the drop (external minus in-domain of the same run: does it lose less?), one Holm / BH family per
+    external set and quantity; each row names its set and quantity."""
     out: list[dict] = []
     for name in _external_names(runs):
-        for r in backbone_comparisons(runs.assign(value=_external_values(runs, name)), margin=margin, alpha=alpha,
-                                      higher_is_better=higher_is_better):
-            out.append({**r, "external": name})
+        away = _external_values(runs, name)
+        for quantity, values in (("external", away), ("drop", [b - a for a, b in zip(runs["value"], away)])):
+            for r in backbone_comparisons(runs.assign(value=values), margin=margin, alpha=alpha,
+                                          higher_is_better=higher_is_better):
+                out.append({**r, "external": name, "quantity": quantity})
     return out
 
 
@@ -1210,11 +1213,12 @@ def _blocks(summary, cells, store: Store, plots: dict, metric: str, notes: list[
         blocks.append(Block("table", header=ALIGNMENT_HEADER, rows=alignment_rows(alignment)))
     if external_backbones:  # does one backbone (e.g. the medical-pretrained one) transfer better?
         blocks.append(Block("h3", "Which backbone transfers better? The same method on each backbone, external set"))
-        blocks.append(Block("p", f"As the backbone table above, on each external set's {metric} (Holm / BH over the "
-                                 f"comparisons of one external set)."))
-        blocks.append(Block("table", header=["external set"] + BACKBONE_HEADER,
-                            rows=[[r["external"]] + row for r, row in zip(external_backbones,
-                                                                         backbone_rows(external_backbones))]))
+        blocks.append(Block("p", f"As the backbone table above, on each external set's {metric} and on the drop "
+                                 f"(external minus in-domain of the same run; a drop nearer zero is better), Holm / "
+                                 f"BH over the comparisons of one external set and quantity."))
+        blocks.append(Block("table", header=["external set", "quantity"] + BACKBONE_HEADER,
+                            rows=[[r["external"], r["quantity"]] + row
+                                  for r, row in zip(external_backbones, backbone_rows(external_backbones))]))
     if against:  # another sweep with the same cells (e.g. with DANN vs without), paired by seed
         blocks.append(Block("h2", f"Against the sweep '{against['name']}': the same cells, paired by seed"))
         differ = against["differences"] or ["none recorded"]
