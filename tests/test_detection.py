@@ -9,6 +9,7 @@ the boxes come from the masks; a CSV manifest and a COCO file for the other read
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -461,3 +462,23 @@ def test_a_mask_derived_external_set_is_checked_before_training_and_mapped_with_
         home.unlink()
     entry = metrics["external"]["other_centre"]
     assert entry["n_images"] == 12 and 0.0 <= entry["map50"]["value"] <= 1.0
+
+
+def test_a_sweep_with_an_external_set_in_another_label_space_fails_at_its_config_check(tmp_path):
+    """benchmark --dry-run / the sweep's first check: Kvasir-style box names against boxes drawn from
+    another centre's masks fail before any job, and the mask_classes mapping passes."""
+    from medpeft.bench.grid import Experiment
+
+    home, truth = make_box_folder(tmp_path / "polyp_home", n=6)
+    entries = {Path(path).stem: {"height": SIZE, "width": SIZE, "bbox": [
+        {"label": "polyp", "xmin": x0, "ymin": y0, "xmax": x1, "ymax": y1} for x0, y0, x1, y1 in boxes]}
+        for path, boxes in truth.items()}
+    (home / "kavsir_bboxes.json").write_text(json.dumps(entries))  # Kvasir-SEG's box file names 'polyp'
+    away, _ = make_box_folder(tmp_path / "other_centre", n=6)
+    spec = dict(data=[str(home)], task="detection", backbones=["tiny_cnn"], methods=["lora"], fractions=[1.0],
+                seeds=1, external_test=[str(away)], data_options={})
+    with pytest.raises(ConfigError, match=r"data 'polyp_home': external test set 'other_centre' has classes "
+                                          r"\['background', 'lesion'\]; the run's are \['background', 'polyp'\]"):
+        Experiment.from_mapping(spec).validate()
+    spec["data_options"]["mask_classes"] = ["background", "polyp"]
+    assert Experiment.from_mapping(spec).validate().external_test == [str(away)]

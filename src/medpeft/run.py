@@ -414,25 +414,18 @@ def check_external_sources(cfg: RunConfig, class_names: list[str]) -> None:
     """ConfigError / DataError before any training: duplicate names, a source that does not
     exist or has no targets of the task, a class folder set other than the run's, a box-prompted
     run (its model needs ground-truth boxes). The images are read only after training."""
-    from .data.external import check_external_names, check_folder_classes
+    from .data.external import check_class_names, check_external_names, listed_class_names
     from .data.registry import check_source
 
-    check_external_names(cfg.external_test)
+    names = check_external_names(cfg.external_test)
     if cfg.train.prompt != "none":
         raise ConfigError("external test sets of a box-prompted run are not supported: its model needs a "
                           "ground-truth box per image; evaluate an unprompted run")
-    for source in cfg.external_test:
+    for source, name in zip(cfg.external_test, names):
         external = dataclasses.replace(cfg.data, name=source, fraction=None, shots=None, split_file=None)
-        kind = check_source(external)
-        if kind == "folder" and cfg.data.task == "classification":
-            check_folder_classes(external, class_names)
-        elif cfg.data.task == "detection":  # box-file names, or the mask classes: no pixel read
-            from .data.detection import annotation_class_names
-            from .data.external import check_class_names
-            from .data.registry import resolve_source
-
-            check_class_names(source, annotation_class_names(kind, resolve_source(external)[1], external),
-                              class_names, task="detection")
+        found = listed_class_names(*check_source(external), external)
+        if found is not None:
+            check_class_names(name, found, class_names, task=cfg.data.task)
 
 
 def evaluate_external(cfg: RunConfig, model, bundle: DataBundle, info, plugin, options: dict) -> dict:

@@ -315,20 +315,29 @@ class Experiment:
         if unknown:
             raise ConfigError(f"{where}: unknown key(s) {unknown} in 'data_options'; expected some of {sorted(known)} "
                               f"(the sweep sets {', '.join(DATA_RESERVED)} itself)")
+        from ..data.external import check_class_names, external_name, listed_class_names
         from ..data.registry import check_source
         from ..errors import DataError
 
+        listed = {}  # class names where the files list them (class folders, box files, mask classes)
         for name in [*self.data, *self.external_test]:  # external test sets: checked the same way
             try:
                 cfg = DataConfig(name=name, root=self.data_root, task=self.task, medmnist_size=self.medmnist_size,
                                  **self.data_options)
                 # option values (ratios, names) and the data itself - the MedMNIST file, the class folders,
                 # the manifest's rows and files - fail here (and in --dry-run), before any job starts
-                check_source(cfg)
+                listed[name] = listed_class_names(*check_source(cfg), cfg)
             except (ConfigError, DataError) as err:
                 raise ConfigError(f"{where}: data: {err}") from None
             except TypeError as err:
                 raise ConfigError(f"{where}: data_options: {err}") from None
+        for home in self.data:  # an external set in another label space fails here, not after training
+            for other in self.external_test:
+                if listed[home] is not None and listed[other] is not None:
+                    try:
+                        check_class_names(external_name(other), listed[other], listed[home], self.task)
+                    except ConfigError as err:
+                        raise ConfigError(f"{where}: data {external_name(home)!r}: {err}") from None
 
     # ------------------------------------------------------------------ expansion
 

@@ -824,26 +824,21 @@ def corruption_breakdown(runs) -> list[dict]:
 def corruption_tables(breakdown: list[dict]) -> list[tuple[str, list[str], list[list[str]]]]:
     """For each cell, (title, header, rows): methods x corruptions (mean over severities and seeds)
     with a column per severity (mean over corruptions and seeds) - the suite metric itself."""
-    cells: dict = {}
-    for r in breakdown:
-        cells.setdefault((r["data"], r["backbone"], r["fraction"]), []).append(r)
+    import pandas as pd
+
+    if not breakdown:
+        return []
+    frame = pd.DataFrame(breakdown)
     tables = []
-    for (data, backbone, fraction), rows in cells.items():
-        names = list(dict.fromkeys(r["corruption"] for r in rows))
-        severities = sorted({r["severity"] for r in rows})
-        header = ["method", *names, *[f"severity {s}" for s in severities]]
-        body = []
-        for method in dict.fromkeys(r["method"] for r in rows):
-            mine = [r for r in rows if r["method"] == method]
-
-            def mean_of(selected):
-                return _num(sum(r["mean"] for r in selected) / len(selected)) if selected else "-"
-
-            body.append([method, *[mean_of([r for r in mine if r["corruption"] == n]) for n in names],
-                         *[mean_of([r for r in mine if r["severity"] == s]) for s in severities]])
-        tables.append((f"{data} - {backbone} - fraction {fraction:g}: {rows[0]['metric']} per corruption "
+    for (data, backbone, fraction), rows in frame.groupby(["data", "backbone", "fraction"], sort=False):
+        by_corruption = rows.pivot_table(index="method", columns="corruption", values="mean", aggfunc="mean", sort=False)
+        by_severity = rows.pivot_table(index="method", columns="severity", values="mean", aggfunc="mean")
+        table = by_corruption.join(by_severity.rename(columns=lambda s: f"severity {s}"))
+        body = [[method, *[_num(v) if pd.notna(v) else "-" for v in values]]
+                for method, values in zip(table.index, table.to_numpy())]
+        tables.append((f"{data} - {backbone} - fraction {fraction:g}: {rows['metric'].iloc[0]} per corruption "
                        f"(mean over severities and seeds) and per severity (mean over corruptions and seeds)",
-                       header, body))
+                       ["method", *table.columns], body))
     return tables
 
 

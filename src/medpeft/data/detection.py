@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from medpeft.data.base import DataConfig, ImageSet
-from medpeft.data.boxes import (BACKGROUND, BoxAnnotations, read_box_csv, read_coco_boxes, read_kvasir_boxes, read_mask_boxes,
-                                resize_boxes)
+from medpeft.data.boxes import BACKGROUND, BoxAnnotations, read_box_csv, read_coco_boxes, read_kvasir_boxes
+from medpeft.data.boxes import read_mask_boxes, resize_boxes
 from medpeft.errors import ConfigError, DataError
 
 KVASIR_FILE = "kavsir_bboxes.json"  # (sic) the name in the Kvasir-SEG release
@@ -87,26 +87,37 @@ def _read_json_kind(path: str) -> str:
     return "coco" if isinstance(data, dict) and {"images", "annotations"} <= set(data) else "kvasir"
 
 
-def read_annotations(kind: str, where: str, cfg: DataConfig) -> tuple[BoxAnnotations, str]:
-    """(annotations, layout) for the data source; DataError/ConfigError naming the file."""
+def box_layout(kind: str, where: str, cfg: DataConfig) -> tuple[str, str]:
+    """(layout, path) of a detection source's boxes: csv | coco | kvasir (a box file) or masks (the folder).
+    The one place that decides where a source's boxes come from."""
     if kind == "medmnist":
         raise ConfigError(f"data set {where!r} is a MedMNIST classification set: it has no boxes. For task detection "
                           "give a folder (Kvasir-SEG's kavsir_bboxes.json, a COCO/CSV file via --boxes, or masks) "
                           "or a CSV manifest path,x0,y0,x1,y1,label")
     if kind == "manifest":
-        return read_box_csv(where, root=cfg.root), "csv"
+        return "csv", where
     if cfg.boxes:
         path = _resolve_box_file(cfg.boxes, where)
         if path.lower().endswith(".csv"):
-            return read_box_csv(path, root=where), "csv"
-        if _read_json_kind(path) == "coco":
-            return read_coco_boxes(path, image_root=where), "coco"
-        return read_kvasir_boxes(path, images_dir=os.path.join(where, "images")), "kvasir"
+            return "csv", path
+        return _read_json_kind(path), path
     kvasir = os.path.join(where, KVASIR_FILE)
     if os.path.isfile(kvasir):
-        return read_kvasir_boxes(kvasir, images_dir=os.path.join(where, "images")), "kvasir"
+        return "kvasir", kvasir
+    return "masks", where
+
+
+def read_annotations(kind: str, where: str, cfg: DataConfig) -> tuple[BoxAnnotations, str]:
+    """(annotations, layout) for the data source; DataError/ConfigError naming the file."""
+    layout, path = box_layout(kind, where, cfg)
+    if layout == "csv":
+        return read_box_csv(path, root=cfg.root if kind == "manifest" else where), layout
+    if layout == "coco":
+        return read_coco_boxes(path, image_root=where), layout
+    if layout == "kvasir":
+        return read_kvasir_boxes(path, images_dir=os.path.join(where, "images")), layout
     return read_mask_boxes(where, min_size=cfg.box_min_size, mask_pattern=cfg.mask_pattern,
-                           classes=_mask_box_classes(cfg)), "masks"
+                           classes=_mask_box_classes(cfg)), layout
 
 
 def _mask_box_classes(cfg: DataConfig) -> list[str]:
@@ -120,8 +131,7 @@ def _mask_box_classes(cfg: DataConfig) -> list[str]:
 def annotation_class_names(kind: str, where: str, cfg: DataConfig) -> list[str]:
     """The class names a detection source will have, read before any training: from the box file
     (annotations only, no pixels) or, for boxes from masks, from ``mask_classes`` alone."""
-    has_box_file = kind == "manifest" or cfg.boxes or os.path.isfile(os.path.join(where, KVASIR_FILE))
-    if kind != "medmnist" and not has_box_file:
+    if box_layout(kind, where, cfg)[0] == "masks":
         return [BACKGROUND, *_mask_box_classes(cfg)]
     return list(read_annotations(kind, where, cfg)[0].class_names)
 

@@ -59,20 +59,25 @@ def _mismatch(name: str, found: list[str], expected: list[str], task: str = "cla
                        f"An external set needs the same label space (the same names in the same order): {how}")
 
 
-def check_class_names(source: str, found: list[str], expected: list[str], task: str = "classification") -> None:
-    """ConfigError unless an external set's class names equal the run's, in order."""
+def check_class_names(name: str, found: list[str], expected: list[str], task: str = "classification") -> None:
+    """ConfigError unless the external set ``name``'s class names equal the run's, in order."""
     if list(found) != list(expected):
-        raise _mismatch(external_name(source), found, expected, task)
+        raise _mismatch(name, found, expected, task)
 
 
-def check_folder_classes(cfg: DataConfig, class_names: list[str]) -> None:
-    """A class-folder set's class names against the run's, from the folder names alone (no image read)."""
-    from medpeft.data.folder import scan_image_folder
-    from medpeft.data.registry import resolve_source
+def listed_class_names(kind: str, where: str, cfg: DataConfig) -> list[str] | None:
+    """An external set's class names where its files list them, read without decoding an image:
+    class folders, a box file, or the mask classes of boxes drawn from masks. None: only reading
+    the set tells (a manifest's labels, MedMNIST, segmentation masks)."""
+    if cfg.task == "detection":
+        from medpeft.data.detection import annotation_class_names
 
-    found = scan_image_folder(resolve_source(cfg)[1], cfg.mask_pattern)[2]
-    if list(found) != list(class_names):
-        raise _mismatch(external_name(cfg.name), found, class_names)
+        return annotation_class_names(kind, where, cfg)
+    if cfg.task == "classification" and kind == "folder":
+        from medpeft.data.folder import scan_image_folder
+
+        return list(scan_image_folder(where, cfg.mask_pattern)[2])
+    return None
 
 
 def convert_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
@@ -116,7 +121,7 @@ def load_external(home: DataConfig, source: str, class_names: list[str], channel
         manifest = load_manifest(where, cfg)
         pool, names = manifest.pool, manifest.class_names
     name = external_name(source)
-    check_class_names(source, names, class_names, home.task)
+    check_class_names(name, names, class_names, home.task)
     if len(pool) == 0:
         raise DataError(f"external test set {name!r} holds no images")
     notes = []

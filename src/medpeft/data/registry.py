@@ -93,7 +93,7 @@ def check_source(cfg: DataConfig) -> str:
     """What can be checked without decoding an image (``benchmark --dry-run`` and every sweep
     before its first job): the MedMNIST file is there or can be downloaded; a folder has its
     class sub-folders with images (segmentation: every image its mask); a manifest's rows, labels
-    and files exist. DataError/ConfigError naming the problem; returns the source kind."""
+    and files exist. DataError/ConfigError naming the problem; returns (kind, flag or path) as resolve_source."""
     check_data_config(cfg)
     kind, where = resolve_source(cfg)
     if cfg.task == "detection":  # reading the box file checks every box and image file (no decoding)
@@ -132,7 +132,7 @@ def check_source(cfg: DataConfig) -> str:
         from medpeft.data.manifest import check_manifest
 
         check_manifest(where, cfg)
-    return kind
+    return kind, where
 
 
 def load_data(cfg: DataConfig) -> DataBundle:
