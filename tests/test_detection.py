@@ -482,3 +482,21 @@ def test_a_sweep_with_an_external_set_in_another_label_space_fails_at_its_config
         Experiment.from_mapping(spec).validate()
     spec["data_options"]["mask_classes"] = ["background", "polyp"]
     assert Experiment.from_mapping(spec).validate().external_test == [str(away)]
+
+
+def test_a_collapsed_box_regression_is_reported_on_validation():
+    """Detections of zero size (FCOS's ReLU regression died) give mAP 0 silently; the fit on
+    validation warns, and sound detections do not."""
+    task = get_task("detection")
+    truth = padded_boxes([(np.array([[4.0, 4.0, 20.0, 20.0]]), np.array([1]))] * 3)
+    sound = pad_detections([{"boxes": torch.tensor([[5.0, 5.0, 19.0, 21.0]]), "scores": torch.tensor([0.9]),
+                             "labels": torch.tensor([1])}] * 3)
+    collapsed = pad_detections([{"boxes": torch.tensor([[12.0, 12.0, 12.0, 12.0], [5.0, 5.0, 19.0, 5.0]]),
+                                 "scores": torch.tensor([0.9, 0.8]), "labels": torch.tensor([1, 1])}] * 3)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert task.fit_on_validation(truth, sound.numpy(), {})["score_threshold"] <= 0.9
+    with pytest.warns(UserWarning, match=r"100% of the validation detections have zero width or height"):
+        task.fit_on_validation(truth, collapsed.numpy(), {})

@@ -219,6 +219,26 @@ def prediction_list(predictions) -> list[dict[str, np.ndarray]]:
     return out
 
 
+def degenerate_share(preds: list[dict[str, np.ndarray]]) -> float:
+    """Share of the detections with zero width or height (NaN when there are none)."""
+    boxes = np.concatenate([p["boxes"] for p in preds]) if preds else np.zeros((0, 4))
+    if not len(boxes):
+        return float("nan")
+    return float(np.mean((boxes[:, 2] - boxes[:, 0] <= 0) | (boxes[:, 3] - boxes[:, 1] <= 0)))
+
+
+def warn_if_degenerate(preds: list[dict[str, np.ndarray]], most: float = 0.5) -> None:
+    """A warning when most validation detections have no area: FCOS's box regression (a ReLU) can
+    die in training, and every box metric is then 0 with no other sign of why."""
+    share = degenerate_share(preds)
+    if share > most:
+        import warnings
+
+        warnings.warn(f"{share:.0%} of the validation detections have zero width or height: the box "
+                      "regression collapsed in training, so mAP / recall are near 0 whatever the "
+                      "classifier learned. Try a larger --image-size or another seed", stacklevel=2)
+
+
 def target_list(targets) -> list[dict[str, np.ndarray]]:
     """[N, M, 5] padded targets -> per-image dicts."""
     out = []
@@ -357,6 +377,7 @@ class DetectionTask(Task):
         """The score threshold of precision / recall / F1 (and of drawn boxes): F1-best on validation."""
         from .det_metrics import choose_score_threshold
 
+        warn_if_degenerate(prediction_list(predictions))
         chosen = choose_score_threshold(prediction_list(predictions), target_list(targets))
         return {"score_threshold": chosen["threshold"] if math.isfinite(chosen["threshold"]) else 1.0}
 
