@@ -285,6 +285,9 @@ def test_run_writes_detection_metrics_detections_and_per_image_csv(det_run):
     assert len(detections["images"]) == saved["n_test"] and detections["score_threshold"] == threshold
     rows = (out / "test_per_image.csv").read_text().splitlines()
     assert len(rows) == saved["n_test"] + 1
+    # every box has an area, even after 4 steps (torchvision's relu regression left half with none)
+    boxes = np.array([d["box"] for im in detections["images"] for d in im["detections"]])
+    assert len(boxes) and (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
     assert (out / "test_cases.png").stat().st_size > 1000
 
 
@@ -484,8 +487,28 @@ def test_a_sweep_with_an_external_set_in_another_label_space_fails_at_its_config
     assert Experiment.from_mapping(spec).validate().external_test == [str(away)]
 
 
+def test_box_regression_keeps_a_gradient_and_an_area_when_its_outputs_turn_negative():
+    """The regression is exp(s * x) (the FCOS paper), not torchvision's relu(x): a side pushed
+    negative in training still learns and still has a length (relu: gradient 0, width 0)."""
+    torch.manual_seed(0)
+    model, *_ = build_model("tiny_cnn", 2, RUN_SIZE, "lora", {}, pretrained=False, task="detection")
+    reg = model.head.regression_head
+    with torch.no_grad():
+        reg.bbox_reg.bias.fill_(-8.0)  # every side far below 0 before the activation
+    targets = padded_boxes([(np.array([[4, 5, 20, 22]], np.float32), np.array([1]))] * 2)
+    set_train_mode(model, True)
+    get_task("detection").forward(model, torch.randn(2, 3, RUN_SIZE, RUN_SIZE), targets, {}).backward()
+    assert reg.bbox_reg.bias.grad.abs().min() > 0 and reg.scales.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        distances, _ = reg([torch.randn(1, reg.bbox_reg.in_channels, 4, 4)])
+    assert (distances > 0).all()
+    # saved and restored with the head (the per-level scales are head weights)
+    assert any(k.endswith("regression_head.scales") for k in trained_state_dict(model))
+
+
 def test_a_collapsed_box_regression_is_reported_on_validation():
-    """Detections of zero size (FCOS's ReLU regression died) give mAP 0 silently; the fit on
+    """Detections of zero size (a collapsed box regression) give mAP 0 silently; the fit on
     validation warns, and sound detections do not."""
     task = get_task("detection")
     truth = padded_boxes([(np.array([[4.0, 4.0, 20.0, 20.0]]), np.array([1]))] * 3)

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torchvision.models.detection import FCOS
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.fcos import FCOSHead
+from torchvision.models.detection.fcos import FCOSHead, FCOSRegressionHead
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
@@ -49,6 +49,7 @@ HEAD_CONVS = 2  # torchvision: 4
 DETECTIONS_PER_IMAGE = 100  # COCO's cap for mAP
 SCORE_FLOOR = 0.05  # detections below are dropped before NMS (torchvision's RetinaNet default; FCOS uses 0.2)
 NMS_IOU = 0.6
+MAX_LOG_DISTANCE = math.log(1000.0)  # a box side at most 1000 strides from its point: exp never overflows
 
 
 # ----------------------------------------------------------------------------- pyramid
@@ -155,6 +156,36 @@ class InputAsIs(nn.Module):
         return detections
 
 
+class ExpRegressionHead(FCOSRegressionHead):
+    """FCOS's box regression as in the paper (Tian et al. 2019, section 2.2): distances exp(s_l * x)
+    with a learnable scale s_l per pyramid level. torchvision (like the FCOS repository's
+    ``norm_reg_targets`` variant) takes relu(x) instead, whose gradient is 0 once an output turns
+    negative: on a small training set (CVC-ClinicDB at 64 px) whole box sides died and every
+    detection had zero width. exp(.) stays positive with a gradient everywhere."""
+
+    def __init__(self, in_channels: int, num_levels: int, num_convs: int):
+        super().__init__(in_channels, 1, num_convs=num_convs)
+        self.scales = nn.Parameter(torch.ones(num_levels))
+
+    def forward(self, x: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        boxes, centreness = [], []
+        for level, features in enumerate(x):
+            hidden = self.conv(features)
+            logd = (self.scales[level] * self.bbox_reg(hidden)).clamp(max=MAX_LOG_DISTANCE)
+            # [N, 4, H, W] -> [N, HW, 4] and [N, 1, H, W] -> [N, HW, 1], torchvision's anchor order
+            boxes.append(torch.exp(logd).flatten(2).transpose(1, 2))
+            centreness.append(self.bbox_ctrness(hidden).flatten(2).transpose(1, 2))
+        return torch.cat(boxes, dim=1), torch.cat(centreness, dim=1)
+
+
+def build_head(num_classes: int, num_levels: int) -> FCOSHead:
+    """torchvision's FCOS head (its initialisation, the classification bias at the focal-loss
+    prior) with the paper's exp regression in place of its relu one."""
+    head = FCOSHead(PYRAMID_CHANNELS, 1, num_classes, num_convs=HEAD_CONVS)
+    head.regression_head = ExpRegressionHead(PYRAMID_CHANNELS, num_levels, HEAD_CONVS)
+    return head
+
+
 class DetectionModel(FCOS):
     """FCOS on a registry backbone: ``backbone.encoder`` is what the methods adapt;
     ``get_classifier()`` (the pyramid and the FCOS head) is always trained and saved."""
@@ -164,7 +195,7 @@ class DetectionModel(FCOS):
         strides = backbone.plan["strides"]
         # FCOS reads an anchor's size as its level's scale: objects of 4-8 sizes go to that level
         anchors = AnchorGenerator(tuple((s,) for s in strides), ((1.0,),) * len(strides))
-        head = FCOSHead(PYRAMID_CHANNELS, 1, num_classes, num_convs=HEAD_CONVS)
+        head = build_head(num_classes, len(strides))
         super().__init__(backbone, num_classes, min_size=1, max_size=1, anchor_generator=anchors, head=head,
                          score_thresh=SCORE_FLOOR, nms_thresh=NMS_IOU, detections_per_img=DETECTIONS_PER_IMAGE)
         self.transform = InputAsIs()
@@ -181,7 +212,7 @@ class DetectionModel(FCOS):
         """The pyramid and the head anew with torchvision's initialisation (the head's
         classification bias at the focal-loss prior), from the caller's seeded RNG."""
         self.backbone.pyramid = build_pyramid(self.backbone.plan)
-        self.head = FCOSHead(PYRAMID_CHANNELS, 1, self.num_classes, num_convs=HEAD_CONVS)
+        self.head = build_head(self.num_classes, len(self.backbone.plan["strides"]))
 
     @property
     def medpeft_methods(self) -> list[str]:
@@ -228,8 +259,9 @@ def degenerate_share(preds: list[dict[str, np.ndarray]]) -> float:
 
 
 def warn_if_degenerate(preds: list[dict[str, np.ndarray]], most: float = 0.5) -> None:
-    """A warning when most validation detections have no area: FCOS's box regression (a ReLU) can
-    die in training, and every box metric is then 0 with no other sign of why."""
+    """A warning when most validation detections have no area: a collapsed box regression makes
+    every box metric 0 with no other sign of why (torchvision's relu regression did so; the exp
+    one should not, and this check says so if it ever does)."""
     share = degenerate_share(preds)
     if share > most:
         import warnings
