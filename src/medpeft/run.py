@@ -414,7 +414,7 @@ def check_external_sources(cfg: RunConfig, class_names: list[str]) -> None:
     """ConfigError / DataError before any training: duplicate names, a source that does not
     exist or has no targets of the task, a class folder set other than the run's, a box-prompted
     run (its model needs ground-truth boxes). The images are read only after training."""
-    from .data.external import check_class_names, check_external_names, listed_class_names
+    from .data.external import check_class_names, check_external_names
     from .data.registry import check_source
 
     names = check_external_names(cfg.external_test)
@@ -423,7 +423,7 @@ def check_external_sources(cfg: RunConfig, class_names: list[str]) -> None:
                           "ground-truth box per image; evaluate an unprompted run")
     for source, name in zip(cfg.external_test, names):
         external = dataclasses.replace(cfg.data, name=source, fraction=None, shots=None, split_file=None)
-        found = listed_class_names(*check_source(external), external)
+        found = check_source(external).class_names
         if found is not None:
             check_class_names(name, found, class_names, task=cfg.data.task)
 

@@ -315,7 +315,7 @@ class Experiment:
         if unknown:
             raise ConfigError(f"{where}: unknown key(s) {unknown} in 'data_options'; expected some of {sorted(known)} "
                               f"(the sweep sets {', '.join(DATA_RESERVED)} itself)")
-        from ..data.external import check_class_names, external_name, listed_class_names
+        from ..data.external import check_class_names, external_name
         from ..data.registry import check_source
         from ..errors import DataError
 
@@ -326,7 +326,7 @@ class Experiment:
                                  **self.data_options)
                 # option values (ratios, names) and the data itself - the MedMNIST file, the class folders,
                 # the manifest's rows and files - fail here (and in --dry-run), before any job starts
-                listed[name] = listed_class_names(*check_source(cfg), cfg)
+                listed[name] = check_source(cfg).class_names
             except (ConfigError, DataError) as err:
                 raise ConfigError(f"{where}: data: {err}") from None
             except TypeError as err:

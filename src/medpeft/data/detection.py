@@ -128,14 +128,6 @@ def _mask_box_classes(cfg: DataConfig) -> list[str]:
     return mask_class_names(cfg)[1:]
 
 
-def annotation_class_names(kind: str, where: str, cfg: DataConfig) -> list[str]:
-    """The class names a detection source will have, read before any training: from the box file
-    (annotations only, no pixels) or, for boxes from masks, from ``mask_classes`` alone."""
-    if box_layout(kind, where, cfg)[0] == "masks":
-        return [BACKGROUND, *_mask_box_classes(cfg)]
-    return list(read_annotations(kind, where, cfg)[0].class_names)
-
-
 def load_detection(kind: str, where: str, cfg: DataConfig) -> DetectionSource:
     """Read every annotated image at ``cfg.image_size`` with its boxes scaled to it."""
     from medpeft.data.io import read_image, resize_images, stack_mixed_channels

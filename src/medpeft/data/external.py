@@ -65,21 +65,6 @@ def check_class_names(name: str, found: list[str], expected: list[str], task: st
         raise _mismatch(name, found, expected, task)
 
 
-def listed_class_names(kind: str, where: str, cfg: DataConfig) -> list[str] | None:
-    """An external set's class names where its files list them, read without decoding an image:
-    class folders, a box file, or the mask classes of boxes drawn from masks. None: only reading
-    the set tells (a manifest's labels, MedMNIST, segmentation masks)."""
-    if cfg.task == "detection":
-        from medpeft.data.detection import annotation_class_names
-
-        return annotation_class_names(kind, where, cfg)
-    if cfg.task == "classification" and kind == "folder":
-        from medpeft.data.folder import scan_image_folder
-
-        return list(scan_image_folder(where, cfg.mask_pattern)[2])
-    return None
-
-
 def convert_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
     if images.shape[1] == channels:
         return images

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import warnings
 from numbers import Integral
+from typing import NamedTuple
 
 from medpeft.data.base import DataBundle, DataConfig
 from medpeft.data.folder import load_image_folder
@@ -89,17 +90,26 @@ def check_data_config(cfg: DataConfig) -> None:
                           "subsampled like the training labels; full: every validation label)")
 
 
-def check_source(cfg: DataConfig) -> str:
+class CheckedSource(NamedTuple):
+    kind: str  # as resolve_source
+    where: str
+    class_names: list[str] | None  # where the files list them (class folders, a box file, mask classes)
+
+
+def check_source(cfg: DataConfig) -> CheckedSource:
     """What can be checked without decoding an image (``benchmark --dry-run`` and every sweep
     before its first job): the MedMNIST file is there or can be downloaded; a folder has its
     class sub-folders with images (segmentation: every image its mask); a manifest's rows, labels
-    and files exist. DataError/ConfigError naming the problem; returns (kind, flag or path) as resolve_source."""
+    and files exist. DataError/ConfigError naming the problem. The class names come from the same
+    read (None where only decoding the set tells: a manifest's labels, MedMNIST, masks), so an
+    external set's label space is checked against the run's without reading its files twice."""
     check_data_config(cfg)
     kind, where = resolve_source(cfg)
+    names = None
     if cfg.task == "detection":  # reading the box file checks every box and image file (no decoding)
         from medpeft.data.detection import read_annotations
 
-        read_annotations(kind, where, cfg)
+        names = list(read_annotations(kind, where, cfg)[0].class_names)
     elif cfg.task == "segmentation":
         from medpeft.data import masks
 
@@ -127,12 +137,12 @@ def check_source(cfg: DataConfig) -> str:
     elif kind == "folder":
         from medpeft.data.folder import scan_image_folder
 
-        scan_image_folder(where, cfg.mask_pattern)
+        names = list(scan_image_folder(where, cfg.mask_pattern)[2])
     else:
         from medpeft.data.manifest import check_manifest
 
         check_manifest(where, cfg)
-    return kind, where
+    return CheckedSource(kind, where, names)
 
 
 def load_data(cfg: DataConfig) -> DataBundle:

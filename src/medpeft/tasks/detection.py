@@ -409,8 +409,9 @@ class DetectionTask(Task):
         """The score threshold of precision / recall / F1 (and of drawn boxes): F1-best on validation."""
         from .det_metrics import choose_score_threshold
 
-        warn_if_degenerate(prediction_list(predictions))
-        chosen = choose_score_threshold(prediction_list(predictions), target_list(targets))
+        preds = prediction_list(predictions)
+        warn_if_degenerate(preds)
+        chosen = choose_score_threshold(preds, target_list(targets))
         return {"score_threshold": chosen["threshold"] if math.isfinite(chosen["threshold"]) else 1.0}
 
     def metrics_with_ci(self, targets, predictions, options, n_boot, seed):
