@@ -1,10 +1,11 @@
 """Detection: lesion boxes with torchvision's FCOS on the project's backbones.
 
-The model is torchvision's FCOS (``DetectionModel`` subclasses it) with three changes: its
+The model is torchvision's FCOS (``DetectionModel`` subclasses it) with four changes: its
 backbone is any backbone of the registry (the PEFT methods adapt it exactly as in
-classification) under a feature pyramid, its head is lighter for a CPU, and its input transform
-is the identity (``BatchLoader`` already sized and normalised the batch with the backbone's own
-statistics). The pyramid and the head are always trained and saved with the adapter (peft's
+classification) under a feature pyramid, its head is lighter for a CPU, its box regression is the
+paper's exp(s_l x) rather than torchvision's relu(x), which died on small training sets
+(``ExpRegressionHead``), and its input transform is the identity (``BatchLoader`` already sized
+and normalised the batch with the backbone's own statistics). The pyramid and the head are always trained and saved with the adapter (peft's
 ``modules_to_save``); ``head`` (backbone frozen) is the detection analogue of the linear probe.
 
 Why FCOS: anchor-free, so nothing is tuned to the image size (anchor scales and ratios of
