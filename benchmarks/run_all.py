@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["throughput", "linear_probe_cache", "inference_merge", "memory", "data_pipeline", "profile_step",
+SCRIPTS = ["throughput", "det_bootstrap", "linear_probe_cache", "inference_merge", "memory", "data_pipeline", "profile_step",
            "sweep_walltime"]
 
 
